@@ -1,0 +1,368 @@
+"""
+HellaSwag (validation split, 10,042 examples) for any GPT-2: scored as build-nanogpt's hellaswag.py scores it,
+batched, and split across the ranks of a distributed run. train_gpt2.py imports `load_examples` and `evaluate`.
+
+    python hellaswag.py --model gpt2                          # a hub id, a local transformers directory,
+    python hellaswag.py --model log/model_19072.pt            # or a checkpoint written by train_gpt2.py
+    python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 1000 --batch_size 32 --device cpu
+
+Completion style: each of the 4 endings is appended to the context (`ctx` tokens, then the tokens of " " + ending)
+and the model's cross-entropy is summed over the ending tokens only. `acc` picks the ending with the lowest total
+loss, `acc_norm` the one with the lowest mean loss per token (the length-normalized score the GPT-2/GPT-3 numbers
+quote). Reference, full validation set, fp32: gpt2 acc 0.2859 acc_norm 0.2955, gpt2-xl 0.3842 / 0.4893 (the
+multiple-choice style of the EleutherAI harness gives other numbers; GPT-3 small: acc_norm 0.337).
+
+The data is downloaded once from rowanz/hellaswag into hellaswag/ next to this file (--data FILE uses a local copy).
+"""
+
+import argparse
+import dataclasses
+import http.client
+import json
+import math
+import os
+import tempfile
+import time
+import urllib.request
+
+import tiktoken
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model import GPT, GPTConfig
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
+NUM_ENDINGS = 4
+# Every forward pass gets a (4 * batch_size, T) input whose T is its longest row rounded up to a multiple of this (and
+# at most block_size): HellaSwag's rows are tens to a couple of hundred tokens long, so a torch.compile'd model sees
+# a handful of shapes instead of a new one per batch, and rows sorted by length waste about 16 tokens each on padding.
+PAD_MULTIPLE = 32
+
+
+class HellaSwagError(ValueError):
+    """Bad or unreachable HellaSwag data; the message is one line naming the file (and line) and the problem."""
+
+
+@dataclasses.dataclass
+class HellaSwagResult:
+    n: int  # examples scored
+    correct: int  # examples whose lowest total loss ending is the right one
+    correct_norm: int  # ... whose lowest mean loss per token ending is the right one
+
+    @property
+    def acc(self):
+        return self.correct / self.n
+
+    @property
+    def acc_norm(self):
+        return self.correct_norm / self.n
+
+    def __str__(self):
+        return f"hellaswag: n={self.n} acc={self.acc:.4f} acc_norm={self.acc_norm:.4f}"
+
+
+# -----------------------------------------------------------------------------
+# data: download, parse, validate
+
+def download(url, path, chunk_size=1 << 20):
+    """Fetch url into path atomically: the bytes go to a temporary file in the same directory, renamed into place
+    only once complete, so an interrupted download never leaves a truncated file under the real name."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"downloading {os.path.basename(path)}") as bar:
+                while chunk := resp.read(chunk_size):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if total and f.tell() != total:
+                raise OSError(f"got {f.tell()} of {total} bytes")
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, a cut, a bad URL
+        reason = getattr(e, "reason", None) or e
+        raise HellaSwagError(f"could not download {url}: {reason}; "
+                             f"pass --data FILE with a local copy of {os.path.basename(path)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fetch(url, cache_dir):
+    """Path of the cached copy of url in cache_dir, downloaded first if missing. In a distributed run every rank must
+    call this: rank 0 downloads while the others wait at a barrier (one download, not one per GPU). A rank that still
+    finds no file after it (a node without the shared file system) downloads its own copy."""
+    path = os.path.join(cache_dir, url.rsplit("/", 1)[-1])
+    distributed = dist.is_available() and dist.is_initialized()
+    error = None
+    if not os.path.exists(path) and (not distributed or dist.get_rank() == 0):
+        try:
+            download(url, path)
+        except HellaSwagError as e:
+            error = e  # reach the barrier anyway: the other ranks must not wait forever
+    if distributed:
+        dist.barrier()
+    if error is not None:
+        raise error
+    if not os.path.exists(path):
+        download(url, path)
+    return path
+
+
+def check_example(example, where):
+    """Raise HellaSwagError unless example is a HellaSwag record: `ctx` text, exactly 4 `endings`, `label` in 0-3."""
+    if not isinstance(example, dict):
+        raise HellaSwagError(f"{where}: expected a JSON object, got {type(example).__name__}")
+    missing = [key for key in ("ctx", "endings", "label") if key not in example]
+    if missing:
+        raise HellaSwagError(f"{where}: record without {', '.join(repr(key) for key in missing)}")
+    ctx, endings, label = example["ctx"], example["endings"], example["label"]
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise HellaSwagError(f"{where}: 'ctx' must be non-empty text, got {ctx!r}")
+    if not isinstance(endings, list) or len(endings) != NUM_ENDINGS:
+        got = len(endings) if isinstance(endings, list) else type(endings).__name__
+        raise HellaSwagError(f"{where}: expected {NUM_ENDINGS} endings, got {got}")
+    if not all(isinstance(ending, str) for ending in endings):
+        raise HellaSwagError(f"{where}: every ending must be text")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+        raise HellaSwagError(f"{where}: label must be an integer 0-{NUM_ENDINGS - 1}, got {label!r}")
+    return example
+
+
+def parse_examples(path, limit=None):
+    """The first `limit` (default all) records of a HellaSwag .jsonl file, each checked; blank lines are skipped."""
+    examples = []
+    try:
+        with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then names its own line
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise HellaSwagError(f"{path}:{lineno}: not UTF-8 text") from None
+                if not text.strip():
+                    continue
+                try:
+                    example = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise HellaSwagError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                examples.append(check_example(example, f"{path}:{lineno}"))
+    except OSError as e:
+        raise HellaSwagError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not examples:
+        raise HellaSwagError(f"{path}: no examples")
+    return examples
+
+
+def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL):
+    """HellaSwag examples (dicts with ctx, endings, label) from path, or, when path is None, from the validation split
+    downloaded once into cache_dir (default: hellaswag/ next to this file). Collective in a distributed run when
+    path is None (see fetch). Raises HellaSwagError with a "file:line: problem" message for bad data."""
+    if path is None:
+        path = fetch(url, cache_dir or CACHE_DIR)
+    return parse_examples(path, limit=limit)
+
+
+# -----------------------------------------------------------------------------
+# rendering and batching
+
+def render_example(example, enc):
+    """(context tokens, [tokens of " " + ending for each ending]). The space goes with the ending because GPT-2's BPE
+    attaches the space before a word to that word's token; encode_ordinary is encode for this text (no special
+    tokens in HellaSwag) and never raises on a stray "<|endoftext|>"."""
+    ctx_tokens = enc.encode_ordinary(example["ctx"])
+    return ctx_tokens, [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+
+
+def make_row(ctx_tokens, ending_tokens, block_size):
+    """One input row (context + ending) and its targets: targets[t] is row[t + 1] where that is an ending token (what
+    logits[t] is scored on) and -1 elsewhere (context, the end). A row longer than block_size loses its first tokens
+    (context) and keeps the ending; that never happens to HellaSwag at GPT-2's 1024."""
+    row = ctx_tokens + ending_tokens
+    cut = max(0, len(row) - block_size)
+    row = row[cut:]
+    first = max(len(ctx_tokens) - cut, 1)  # position of the first scored ending token (it needs a predecessor)
+    return row, [-1] * (first - 1) + row[first:] + [-1]
+
+
+def collate(rows, n_rows, block_size, pad_multiple):
+    """Stack (row, targets) pairs into idx (n_rows, T) and targets (n_rows, T), both long: T is the longest row rounded
+    up to a multiple of pad_multiple (at most block_size), and the rows missing from n_rows are dummy rows. Padding
+    and dummy rows have targets -1: they are never scored."""
+    longest = max((len(row) for row, _ in rows), default=1)  # default: a batch of dummy rows only
+    T = min(pad_multiple * math.ceil(longest / pad_multiple), block_size)
+    idx = torch.zeros((n_rows, T), dtype=torch.long)  # token 0 as padding: after the row, so causal attention ignores it
+    tgt = torch.full((n_rows, T), -1, dtype=torch.long)
+    for r, (row, target) in enumerate(rows):
+        idx[r, :len(row)] = torch.tensor(row)
+        tgt[r, :len(target)] = torch.tensor(target)
+    return idx, tgt
+
+
+def ending_losses(logits, targets, vocab_size):
+    """Per-row (total loss, number of tokens) over the positions where targets >= 0. logits (R, T, V), targets (R, T).
+    The softmax runs over the tokenizer's vocab_size ids only: a model with a padded vocabulary (50304) has extra
+    logits that are no tokens. Only the scored positions go through cross-entropy, in float32."""
+    mask = targets >= 0  # (R, T)
+    losses = F.cross_entropy(logits[mask][:, :vocab_size].float(), targets[mask], reduction="none")  # (M,)
+    rows = mask.nonzero()[:, 0]  # (M,) the row of each scored token
+    total = torch.zeros(targets.size(0), device=logits.device).index_add_(0, rows, losses)  # (R,)
+    return total, mask.sum(dim=1)
+
+
+def _block_size(model):
+    """model.config.block_size through the DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while not hasattr(model, "config"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model.config.block_size
+
+
+@torch.no_grad()
+def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, rank=0, world_size=1, progress=False,
+             pad_multiple=PAD_MULTIPLE):
+    """Score HellaSwag examples with model (called as `logits, _ = model(idx)`; it may be compiled or wrapped in DDP).
+    batch_size is in examples: a forward pass takes 4 * batch_size rows. Rank r scores examples[r::world_size]; every
+    rank runs the same number of forward passes of the same batch size (DDP-safe) and the counts are summed over
+    ranks, so every rank returns the result for all examples. autocast_dtype (e.g. torch.bfloat16 on CUDA) runs the
+    forward under autocast; None runs it in the model's dtype. The caller sets model.eval()/train()."""
+    if not examples:
+        raise ValueError("no HellaSwag examples to score")
+    device = torch.device(device)
+    enc = tiktoken.get_encoding("gpt2")
+    block_size = _block_size(model)
+    share = examples[rank::world_size]
+    # The 4 rows of an example need not share a forward pass: rows sorted by length, longest first, fill each batch
+    # with rows of about the same length (little padding) and an out-of-memory shows up at once.
+    rows = []  # (row, targets, slot): slot = 4 * example + ending
+    for i, example in enumerate(share):
+        ctx_tokens, endings = render_example(example, enc)
+        rows += [(*make_row(ctx_tokens, ending, block_size), NUM_ENDINGS * i + j) for j, ending in enumerate(endings)]
+    rows.sort(key=lambda r: -len(r[0]))
+    per_rank = NUM_ENDINGS * math.ceil(len(examples) / world_size)  # rows of the largest share
+    n_rows = min(NUM_ENDINGS * batch_size, per_rank)  # a fixed batch dimension, no larger than needed
+    totals = torch.zeros(len(rows), device=device)  # summed loss over each (example, ending)'s ending tokens
+    n_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+    bar = tqdm(total=len(rows), unit="row", desc="hellaswag", disable=not progress, dynamic_ncols=True)
+    for start in range(0, per_rank, n_rows):
+        # a rank out of rows still runs the forward pass (of dummy rows only), as the other ranks do
+        chunk = rows[start:start + n_rows]
+        idx, targets = collate([(row, target) for row, target, _ in chunk], n_rows, block_size, pad_multiple)
+        idx, targets = idx.to(device), targets.to(device)
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, _ = model(idx)  # (n_rows, T, V)
+        total, count = ending_losses(logits, targets, enc.n_vocab)  # (n_rows,), (n_rows,)
+        slots = torch.tensor([slot for _, _, slot in chunk], dtype=torch.long, device=device)
+        totals[slots] = total[:len(chunk)]
+        n_tokens[slots] = count[:len(chunk)]
+        bar.update(len(chunk))
+    bar.close()
+    totals = totals.view(-1, NUM_ENDINGS)  # (examples, 4)
+    means = totals / n_tokens.view(-1, NUM_ENDINGS)  # mean loss per ending token
+    labels = torch.tensor([example["label"] for example in share], dtype=torch.long, device=device)
+    counts = torch.stack([labels.new_tensor(len(share)), (totals.argmin(dim=1) == labels).sum(),
+                          (means.argmin(dim=1) == labels).sum()])  # n, correct, correct_norm
+    if world_size > 1:
+        dist.all_reduce(counts)
+    n, correct, correct_norm = counts.tolist()
+    return HellaSwagResult(n, correct, correct_norm)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def load_model(name_or_path, device):
+    """A GPT from a train_gpt2.py checkpoint (.pt: {"model": state_dict, "config": GPTConfig fields}) or, for anything
+    else, GPT.from_pretrained (a hub id or a local transformers directory). Raises HellaSwagError."""
+    if os.path.isfile(name_or_path):
+        try:
+            checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip or weights_only errors: one line, not their traceback
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise HellaSwagError(f"{name_or_path}: not a train_gpt2.py checkpoint: {first_line}") from None
+        if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+            raise HellaSwagError(f"{name_or_path}: not a train_gpt2.py checkpoint (expected 'model' and 'config')")
+        try:
+            model = GPT(GPTConfig.from_dict(checkpoint["config"]))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise HellaSwagError(f"{name_or_path}: bad 'config': {e}") from None
+        problem = state_dict_mismatch(model.state_dict(), checkpoint["model"])
+        if problem:
+            raise HellaSwagError(f"{name_or_path}: 'model' does not match its 'config': {problem}")
+        model.load_state_dict(checkpoint["model"])
+    else:
+        try:
+            model = GPT.from_pretrained(name_or_path)
+        except (ValueError, OSError) as e:
+            raise HellaSwagError(str(e)) from None
+    return model.to(device)
+
+
+def state_dict_mismatch(expected, found):
+    """One line on how the state dict `found` differs from `expected` (missing, unexpected, misshapen), or ""."""
+    if not isinstance(found, dict):
+        return f"expected a state dict, got {type(found).__name__}"
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshapen = [f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(v.shape)}"
+                 for k, v in expected.items() if k in found and getattr(found[k], "shape", None) != v.shape]
+    problems = [f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(misshapen)} of other shapes (e.g. {misshapen[0]})" if misshapen else ""]
+    return ", ".join(p for p in problems if p)
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="hellaswag.py", description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="hub id (gpt2, gpt2-xl...), transformers directory, "
+                                                       "or train_gpt2.py checkpoint (.pt)")
+    parser.add_argument("--data", default=None, help="a local hellaswag_val.jsonl (default: download once into "
+                                                     f"{CACHE_DIR})")
+    parser.add_argument("--limit", type=positive_int, default=None, help="score the first N examples only")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere (the reference is fp32/tf32)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or default_device())
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    # the reference numbers were measured with TF32 matmuls; bf16 autocast covers the matmuls anyway
+    torch.set_float32_matmul_precision("high")
+    try:
+        examples = load_examples(args.data, limit=args.limit)
+        model = load_model(args.model, device)
+    except HellaSwagError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    model.eval()
+    print(f"{args.model}: {model.num_params():,} parameters, {len(examples)} examples, {device}, {dtype}")
+    t0 = time.time()
+    result = evaluate(model, examples, device=device, batch_size=args.batch_size,
+                      autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None, progress=True)
+    dt = time.time() - t0
+    print(f"{result.n / dt:.1f} examples/s ({dt:.1f} s)")
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
