@@ -1,0 +1,39 @@
+"""bench.py on CPU: it runs train_gpt2.py's step on a tiny model and prints its figures; bad options are one line."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
+        "--total_batch_size=128", "--compile=false"]
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_prints_speed_figures():
+    p = run_bench(*TINY, "--steps=3", "--warmup=1")
+    assert p.returncode == 0, p.stderr
+    steps = re.findall(r"^step +(\d+) \| loss ([\d.]+) \| ([\d.]+) ms", p.stdout, re.M)
+    assert [int(s) for s, _, _ in steps] == [0, 1, 2, 3]
+    last = p.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"bench: device=cpu torch=\S+ params=([\d,]+) batch=2x32x2 compile=False ms/step=([\d.]+) "
+                     r"tokens/s=([\d,]+) mfu=n/a peak_mem=([\d.]+)GiB", last)
+    assert m, last
+    params, ms, tps, mem = m.groups()
+    assert int(params.replace(",", "")) > 50304 * 32  # the padded embedding alone
+    assert float(ms) > 0 and float(mem) > 0
+    # tokens/s is the step's tokens over the median step time
+    assert abs(int(tps.replace(",", "")) - 128 / (float(ms) / 1000)) <= 0.01 * int(tps.replace(",", "")) + 1
+
+
+def test_bench_bad_options():
+    p = run_bench(*TINY, "--steps=0")
+    assert p.returncode == 2 and p.stderr.strip().startswith("bench.py: error: need --steps >= 1"), p.stderr
+    p = run_bench(*TINY, "--total_batch_size=100")
+    assert p.returncode == 2 and "not a multiple" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = run_bench("--bogus=1")
+    assert p.returncode == 2 and "unknown option --bogus" in p.stderr, p.stderr

@@ -1,0 +1,433 @@
+"""train_gpt2.py and plot.py on CPU with tiny models and shards generated here: the LR schedule, the loader's token
+order, a run's logs and checkpoints, bitwise resume after kill -9, DDP (gloo, 2 processes) == one process, errors."""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import plot
+import train_gpt2
+from model import GPT, GPTConfig
+from train_gpt2 import TokenStream, TrainLoader, get_lr, main, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+VOCAB = 256  # small vocabulary: fast steps (runs with sampling / HellaSwag use GPT-2's)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+PERIOD = 199  # the generated text repeats a permutation of PERIOD distinct tokens: each token predicts the next
+
+
+def write_shards(data_dir, train_sizes=(3000, 2100), val_size=2000, vocab=VOCAB, seed=0):
+    """Learnable shards: every token is followed by the same token each time (a repeated random permutation)."""
+    os.makedirs(data_dir, exist_ok=True)
+    perm = np.random.default_rng(seed).permutation(vocab)[:PERIOD].astype(np.uint16)
+    stream = np.tile(perm, (sum(train_sizes) + val_size) // PERIOD + 1)
+    np.save(os.path.join(data_dir, "edufineweb_val_000000.npy"), stream[:val_size])
+    pos = val_size
+    for i, n in enumerate(train_sizes, start=1):
+        np.save(os.path.join(data_dir, f"edufineweb_train_{i:06d}.npy"), stream[pos:pos + n])
+        pos += n
+    return str(data_dir)
+
+
+def tiny_args(data_dir, log_dir, **overrides):
+    args = dict(data_dir=data_dir, log_dir=log_dir, n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32,
+                batch_size=4, total_batch_size=256, max_lr=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=40,
+                val_every=20, val_tokens=512, hellaswag_every=0, sample_every=0, checkpoint_every=20, compile=False,
+                resume="auto")
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def read_log(log_dir):
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return f.read()
+
+
+def losses(log_text, kind="train"):
+    return {int(s): float(v) for s, k, v in (line.split() for line in log_text.splitlines()) if k == kind}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_cli(args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=SUBPROCESS_ENV)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, here and in the subprocesses (SUBPROCESS_ENV): on 2 shared cores tiny matmuls run several
+    times faster without thread contention, and the in-process and subprocess runs compute identically."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+# -----------------------------------------------------------------------------
+# configuration and the LR schedule
+
+def test_lr_schedule():
+    kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
+    assert get_lr(0, **kw) == pytest.approx(6e-4 / 715)
+    assert get_lr(714, **kw) == pytest.approx(6e-4)  # the last warmup step reaches max_lr
+    assert get_lr(715, **kw) == pytest.approx(6e-4)  # cosine starts at the top
+    assert get_lr((715 + 19073) // 2, **kw) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-4)  # half way down
+    assert get_lr(19073, **kw) == pytest.approx(6e-5)
+    assert get_lr(25000, **kw) == 6e-5  # past the end: min_lr
+    lrs = [get_lr(s, **kw) for s in range(715, 19074)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotonic decay
+    assert get_lr(0, **{**kw, "warmup_steps": 0}) == pytest.approx(6e-4)
+
+
+def test_parse_args_types_and_defaults():
+    cfg = parse_args(["--compile=false", "--max_lr=1e-3", "--n_layer=3", "--wandb_run_name=a=b", "--resume="])
+    assert (cfg.compile, cfg.max_lr, cfg.n_layer, cfg.wandb_run_name, cfg.resume) == (False, 1e-3, 3, "a=b", "")
+    assert parse_args(["--compile=1"]).compile is True and parse_args(["--compile=FALSE"]).compile is False
+    default = parse_args([])
+    assert (default.vocab_size, default.total_batch_size, default.batch_size, default.block_size) == (50304, 524288,
+                                                                                                      64, 1024)
+    assert (default.max_lr, default.min_lr, default.warmup_steps, default.max_steps) == (6e-4, 6e-5, 715, 19073)
+    assert train_gpt2.check_config(default, world_size=1) == 8 and train_gpt2.check_config(default, world_size=8) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_layers=2"], "unknown option --n_layers"),
+    (["--compile=maybe"], "--compile=maybe: expected true/false/1/0"),
+    (["--n_layer=2.5"], "--n_layer=2.5: expected int"),
+    (["--max_lr=fast"], "--max_lr=fast: expected float"),
+    (["max_steps=10"], "expected --name=value"),
+    (["--total_batch_size=1000"], "total_batch_size 1000 is not a multiple of batch_size * block_size * processes"),
+    (["--val_tokens=1000"], "val_tokens 1000 is not a multiple of batch_size * block_size"),
+    (["--n_embd=100"], "n_embd (100) must be divisible by n_head (12)"),
+    (["--min_lr=1", "--max_lr=0.1"], "min_lr <= max_lr"),
+    (["--device=tpu"], "--device must be auto, cuda, mps or cpu"),
+    (["--vocab_size=1000"], "sampling and HellaSwag need the GPT-2 vocabulary"),
+    (["--max_steps=0"], "--max_steps must be > 0"),
+])
+def test_config_errors(args, message, capsys, tmp_path):
+    assert main(args + [f"--log_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt2.py: error: ") and message in err and err.count("\n") == 1, err
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def test_stream_spans_shards_and_wraps(tmp_path):
+    a, b = np.arange(0, 10, dtype=np.uint16), np.arange(10, 17, dtype=np.uint16)
+    np.save(tmp_path / "edufineweb_train_000001.npy", a)
+    np.save(tmp_path / "edufineweb_train_000002.npy", b)
+    stream = TokenStream(str(tmp_path), "train")
+    assert stream.total == 17
+    assert stream.read(8, 4).tolist() == [8, 9, 10, 11]  # across the shard boundary, nothing skipped
+    assert stream.read(15, 5).tolist() == [15, 16, 0, 1, 2]  # past the end: the next epoch starts seamlessly
+    assert stream.read(17 * 3 + 2, 2).tolist() == [2, 3]
+
+
+def test_loader_order_ranks_equal_accumulation(data_dir):
+    """Rank r's micro-step m reads what one process's micro-step m*W + r reads, and positions resume exactly."""
+    stream = TokenStream(data_dir, "train")
+    B, T, W, A = 2, 8, 2, 3
+    cpu = torch.device("cpu")
+    single = TrainLoader(stream, B, T, 0, 1, VOCAB, cpu)
+    ranks = [TrainLoader(stream, B, T, r, W, VOCAB, cpu) for r in range(W)]
+    for _ in range(5):  # steps
+        expected = [single.next_batch() for _ in range(W * A)]
+        for m in range(A):
+            for r in range(W):
+                x, y = ranks[r].next_batch()
+                assert torch.equal(x, expected[m * W + r][0]) and torch.equal(y, expected[m * W + r][1])
+        assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+    x, y = single.next_batch()
+    assert torch.equal(x.view(-1)[1:], y.view(-1)[:-1])  # targets are the inputs shifted by one
+    # the position restores exactly, also on another number of ranks
+    fresh = TrainLoader(stream, B, T, 1, W, VOCAB, cpu)
+    fresh.load_state_dict(ranks[1].state_dict())
+    assert torch.equal(fresh.next_batch()[0], ranks[1].next_batch()[0])
+
+
+def bad_shard_dir(tmp_path, problem):
+    d = tmp_path / "data"
+    write_shards(d)
+    train = d / "edufineweb_train_000001.npy"
+    if problem == "missing":
+        return str(tmp_path / "nope"), "no such directory"
+    if problem == "no files":
+        for f in d.iterdir():
+            f.unlink()
+        return str(d), "no edufineweb_train_*.npy files"
+    if problem == "not npy":
+        train.write_text("hello")
+        return str(d), "not a .npy token shard"
+    if problem == "dtype":
+        np.save(train, np.arange(100, dtype=np.int32))
+        return str(d), "expected a 1-D uint16 array of GPT-2 tokens, got int32"
+    if problem == "2-D":
+        np.save(train, np.zeros((10, 10), dtype=np.uint16))
+        return str(d), "got uint16 array of shape (10, 10)"
+    if problem == "empty":
+        np.save(train, np.zeros(0, dtype=np.uint16))
+        return str(d), "empty shard"
+    if problem == "too few":
+        (d / "edufineweb_train_000002.npy").unlink()
+        np.save(train, np.zeros(100, dtype=np.uint16))
+        return str(d), "fewer than one micro-batch needs"
+    if problem == "val too small":
+        np.save(d / "edufineweb_val_000000.npy", np.zeros(100, dtype=np.uint16))
+        return str(d), "val_tokens=512 needs 513"
+    if problem == "token id":
+        np.save(train, np.full(3000, VOCAB, dtype=np.uint16))
+        return str(d), f"token id {VOCAB} >= vocab_size {VOCAB}"
+    raise AssertionError(problem)
+
+
+@pytest.mark.parametrize("problem", ["missing", "no files", "not npy", "dtype", "2-D", "empty", "too few",
+                                     "val too small", "token id"])
+def test_bad_shards_are_one_clear_error(tmp_path, capsys, problem):
+    data, message = bad_shard_dir(tmp_path, problem)
+    assert main(tiny_args(data, str(tmp_path / "log"), max_steps=2)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt2.py: error: ") and message in err and err.count("\n") == 1, err
+    if problem not in ("token id", "val too small", "too few"):
+        assert "python fineweb.py" in err
+
+
+def test_cli_error_exit_code_and_one_line(tmp_path):
+    result = run_cli([f"--data_dir={tmp_path / 'none'}", f"--log_dir={tmp_path / 'log'}", "--compile=false"])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("train_gpt2.py: error: data_dir "), result.stderr
+
+
+# -----------------------------------------------------------------------------
+# the training step and a whole run
+
+def test_train_step_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    other = copy.deepcopy(model)
+    x, y = torch.randint(0, 64, (2, 4, 16)), torch.randint(0, 64, (2, 4, 16))
+    kw = dict(lr=1e-2, grad_clip=1.0, device_type="cpu", autocast_dtype=None, ddp=False)
+    opt_a = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 1e-8, "cpu")
+    opt_b = other.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 1e-8, "cpu")
+    loss_a, norm_a = train_gpt2.train_step(model, opt_a, [(x[0], y[0]), (x[1], y[1])], **kw)
+    loss_b, norm_b = train_gpt2.train_step(other, opt_b, [(x.view(8, 16), y.view(8, 16))], **kw)
+    assert_close(loss_a, loss_b)
+    assert_close(norm_a, norm_b)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert_close(p, q)
+
+
+def test_tiny_run_learns_logs_and_checkpoints(data_dir, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    assert main(tiny_args(data_dir, log_dir, keep_checkpoints=2, checkpoint_every=10)) == 0
+    out = capsys.readouterr().out
+    text = read_log(log_dir)
+    train, val = losses(text), losses(text, "val")
+    assert sorted(train) == list(range(40)) and sorted(val) == [0, 20, 40]
+    assert val[40] < val[0] - 1.5 and np.mean([train[s] for s in range(35, 40)]) < train[0] - 1.5
+    assert "tok/s | MFU n/a" in out and "val loss" in out
+    assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00030.pt", "model_00040.pt"]
+    saved = json.load(open(os.path.join(log_dir, "config.json")))
+    assert saved["grad_accum_steps"] == 2 and saved["train_config"]["n_embd"] == 32
+    ckpt = load(os.path.join(log_dir, "model_00040.pt"))
+    assert ckpt["step"] == 40 and ckpt["loader"]["position"] == 40 * 256
+    assert ckpt["config"] == {"block_size": 32, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                              "norm": "layernorm", "mlp": "gelu"}
+    assert ckpt["train_config"]["max_steps"] == 40
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    # hellaswag.py's --model rebuilds it from "model" and "config"
+    import hellaswag
+
+    model = hellaswag.load_model(os.path.join(log_dir, "model_00040.pt"), "cpu")
+    assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
+    # running again with resume=auto: already done
+    assert main(tiny_args(data_dir, log_dir)) == 0
+    assert "nothing to do" in capsys.readouterr().out and read_log(log_dir) == text
+
+
+def test_run_with_hellaswag_and_samples(tmp_path, capsys, enc):
+    data = write_shards(tmp_path / "data", vocab=50257)
+    examples = tmp_path / "hellaswag.jsonl"
+    rows = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon.", "idea.", "of."], "label": i % 4}
+            for i in range(6)]
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = tiny_args(data, str(tmp_path / "log"), vocab_size=50304, max_steps=2, val_every=2, hellaswag_every=2,
+                     hellaswag_data=examples, sample_every=2, num_samples=2, sample_length=5, checkpoint_every=0)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    hella = losses(read_log(tmp_path / "log"), "hella")
+    assert sorted(hella) == [0, 2] and all(v in [round(k / 6, 4) for k in range(7)] for v in hella.values())
+    samples = [line for line in out.splitlines() if "| sample " in line]
+    assert len(samples) == 4 and all("Hello, I'm a language model," in s for s in samples)
+    assert "HellaSwag acc_norm" in out and "GPT-3 124M: 0.337" in out
+    assert os.listdir(tmp_path / "log").count("model_00002.pt") == 1  # the final checkpoint, though periodic is off
+
+
+def test_init_from_pretrained_val_loss_matches_transformers(tmp_path, capsys, tiny_hf_dir):
+    """init_from loads the transformers model: its step-0 val loss is transformers' loss on the same tokens."""
+    from transformers import GPT2LMHeadModel
+
+    data = write_shards(tmp_path / "data", vocab=50257)
+    args = tiny_args(data, str(tmp_path / "log"), init_from=tiny_hf_dir, max_steps=1, val_every=1, val_tokens=512)
+    assert main(args) == 0
+    assert "the model's own architecture replaces" in capsys.readouterr().out
+    val = np.load(os.path.join(data, "edufineweb_val_000000.npy"))[:513].astype(np.int64)
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    chunks = [torch.from_numpy(val[i * 128:(i + 1) * 128 + 1]) for i in range(4)]
+    with torch.no_grad():
+        expected = np.mean([hf(c[:-1].view(4, 32), labels=None).logits.log_softmax(-1).view(128, -1)
+                            .gather(1, c[1:].view(128, 1)).mean().neg().item() for c in chunks])
+    assert losses(read_log(tmp_path / "log"), "val")[0] == pytest.approx(expected, abs=1e-4)
+    ckpt = load(tmp_path / "log" / "model_00001.pt")
+    assert ckpt["config"]["vocab_size"] == 50257 and ckpt["train_config"]["vocab_size"] == 50257
+
+
+def test_nonfinite_loss_stops_with_step(data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    args = tiny_args(data_dir, str(log_dir), max_lr=1e30, min_lr=1e30, warmup_steps=0, checkpoint_every=1,
+                     val_every=0)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step 1: non-finite loss" in err and "model_00001.pt" in err
+    assert sorted(os.listdir(log_dir)) == ["config.json", "log.txt", "model_00001.pt"]  # no checkpoint after it
+
+
+def test_resume_guards(data_dir, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    assert main(tiny_args(data_dir, log_dir, max_steps=4, checkpoint_every=2, val_every=0)) == 0
+    capsys.readouterr()
+    # a fresh run must not overwrite a run's checkpoints
+    assert main(tiny_args(data_dir, log_dir, resume="")) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    # resuming an older checkpoint while newer ones exist would mix two histories
+    assert main(tiny_args(data_dir, log_dir, resume=os.path.join(log_dir, "model_00002.pt"), max_steps=8)) == 2
+    assert "newer than step 2" in capsys.readouterr().err
+    # another architecture than the checkpoint's
+    assert main(tiny_args(data_dir, log_dir, n_embd=64, max_steps=8)) == 2
+    assert "n_embd=64 (checkpoint: 32)" in capsys.readouterr().err
+    # not a checkpoint
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk")
+    assert main(tiny_args(data_dir, str(tmp_path / "other"), resume=junk)) == 2
+    assert "cannot load the checkpoint" in capsys.readouterr().err
+
+
+def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path):
+    """A run killed with SIGKILL mid-way and resumed with --resume=auto logs exactly what an unbroken run logs and
+    ends with bitwise-identical weights and optimizer state."""
+    steps = 150
+    common = dict(max_steps=steps, checkpoint_every=10, val_every=25, keep_checkpoints=2)
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *tiny_args(data_dir, broken, **common)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
+    try:
+        log_path = os.path.join(broken, "log.txt")
+        deadline = time.time() + 100
+        while time.time() < deadline:
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
+            ckpts = train_gpt2.list_checkpoints(broken)
+            lines = open(log_path).read().split("\n")[:-1] if ckpts else []  # complete lines only
+            trained = [int(line.split()[0]) for line in lines if " train " in line]
+            if trained and max(trained) >= ckpts[-1][0] + 3:  # a checkpoint, then a few more steps
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(broken, f"model_{steps:05d}.pt"))
+    # the log had lines past the checkpoint: the resume drops and redoes them
+    (tmp_path / "broken" / ".model_00999.pt.tmp").write_bytes(b"half-written")  # a kill during a save: ignored
+    assert main(tiny_args(data_dir, broken, **common)) == 0
+    assert not os.path.exists(tmp_path / "broken" / ".model_00999.pt.tmp")
+    assert main(tiny_args(data_dir, straight, **common)) == 0
+    assert read_log(broken) == read_log(straight)
+    assert len(losses(read_log(straight))) == steps
+    a, b = load(os.path.join(straight, f"model_{steps:05d}.pt")), load(os.path.join(broken, f"model_{steps:05d}.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert a["loader"] == b["loader"]
+
+
+def test_ddp_two_processes_equal_one_process_accumulating(data_dir, tmp_path):
+    """torchrun with 2 processes of micro-batch B == 1 process accumulating 2 micro-batches of B."""
+    common = dict(max_steps=10, total_batch_size=256, batch_size=4, val_every=5, checkpoint_every=0)
+    ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             SCRIPT, *tiny_args(data_dir, ddp_dir, **common)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) x 1 micro-steps" in result.stdout
+    assert result.stdout.count("step     9 | loss") == 1  # rank 0 alone prints
+    assert main(tiny_args(data_dir, single_dir, **common)) == 0
+    ddp_log, single_log = read_log(ddp_dir), read_log(single_dir)
+    for kind in ("train", "val"):
+        a, b = losses(ddp_log, kind), losses(single_log, kind)
+        assert sorted(a) == sorted(b)
+        assert_close(torch.tensor([a[s] for s in sorted(a)]), torch.tensor([b[s] for s in sorted(b)]),
+                     rtol=0, atol=2e-6 if kind == "train" else 2e-4)
+    a, b = load(os.path.join(ddp_dir, "model_00010.pt")), load(os.path.join(single_dir, "model_00010.pt"))
+    for k in a["model"]:
+        assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    assert a["loader"] == b["loader"]
+
+
+def test_compile_on_cpu_matches_eager(tmp_path, capsys):
+    data = write_shards(tmp_path / "data", vocab=50257)
+    examples = tmp_path / "hellaswag.jsonl"
+    examples.write_text(json.dumps({"ctx": "A cat", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
+    runs = {}
+    for compiled in (False, True):
+        log_dir = str(tmp_path / f"log_{compiled}")
+        assert main(tiny_args(data, log_dir, vocab_size=50304, compile=compiled, max_steps=3, val_every=2,
+                              hellaswag_every=2, hellaswag_data=examples, sample_every=2, sample_length=4)) == 0
+        runs[compiled] = read_log(log_dir)
+    for kind in ("train", "val"):
+        eager, compiled = losses(runs[False], kind), losses(runs[True], kind)
+        assert sorted(eager) == sorted(compiled)
+        assert all(math.isclose(eager[s], compiled[s], abs_tol=1e-4) for s in eager)
+    assert '"compile": true' in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# plot.py
+
+def test_plot_writes_png_and_rejects_bad_logs(tmp_path, capsys):
+    log = tmp_path / "log.txt"
+    lines = [f"{s} train {4 - s / 100:.6f}" for s in range(100)]
+    lines += [f"{s} val {4.1 - s / 100:.4f}" for s in (0, 50, 99)]
+    lines += [f"{s} hella {0.25 + s / 1000:.4f}" for s in (0, 99)]
+    log.write_text("\n".join(lines) + "\n99 tra")  # an unfinished last line, as a kill leaves it
+    assert plot.main([str(log), "-o", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr()
+    assert "val loss 3.1100 (GPT-2 124M: 3.2924)" in out.out and "unfinished last line" in out.err
+    series = plot.read_log(str(log))
+    assert series["val"] == ([0, 50, 99], [4.1, 3.6, 3.11])
+    log.write_text("0 train 1.0\n1 oops 2.0\n")
+    assert plot.main([str(log), "-o", str(tmp_path / "q.png")]) == 2
+    assert f"{log}:2: expected '<step> <train|val|hella> <value>'" in capsys.readouterr().err
+    assert not (tmp_path / "q.png").exists()
