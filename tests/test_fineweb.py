@@ -1,0 +1,365 @@
+"""fineweb.py on data generated here (CPU, offline): exact shard contents, layout, resume after a kill, bad input.
+
+    python -m pytest -q tests/test_fineweb.py
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fineweb  # noqa: E402
+
+EOT = 50256
+WORDS = ("the of and to in is that for it as with was on be by at this are from or an have not which but "
+         "energy cell water history students learning theory equation").split()
+UNICODE = ["café naïve façade", "中文字符测试", "🙂👍🏽 emoji", "Ελληνικά", "עברית", "e\u0301 combining",
+           "zero\u200bwidth", "tab\there", "crlf\r\nline", "<|endoftext|> literal", "  leading and trailing  "]
+
+
+def expected_tokens(docs):
+    """What the shards must hold, concatenated: [50256] + encode_ordinary(doc) for every document in order."""
+    enc = tiktoken.get_encoding("gpt2")
+    out = []
+    for doc in docs:
+        out.append(EOT)
+        out.extend(enc.encode_ordinary(doc))
+    return np.array(out, dtype=np.uint16)
+
+
+def make_docs(n, seed, long_every=0):
+    """n documents: words, unicode, empty and whitespace-only ones, and (every long_every-th) long ones."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        kind = i % 7
+        if kind == 0:
+            docs.append("")
+        elif kind == 1:
+            docs.append(" \n ")
+        elif long_every and i % long_every == long_every - 1:
+            docs.append(" ".join(rng.choice(WORDS + UNICODE, size=1500)))
+        else:
+            words = rng.choice(WORDS + UNICODE, size=int(rng.integers(1, 60)))
+            docs.append(" ".join(words) + rng.choice([".", "!\n", "?\n\n", ""]))
+    return docs
+
+
+def write_jsonl(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": doc}) + "\n")
+    return str(path)
+
+
+def write_parquet(path, docs, row_group_size=7):
+    pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def run(argv):
+    """fineweb.main in this process; returns its exit status (0 when it returns normally)."""
+    try:
+        fineweb.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def shard_files(out_dir):
+    return sorted(f for f in os.listdir(out_dir) if fineweb.SHARD_RE.fullmatch(f))
+
+
+def read_shards(out_dir, shard_size):
+    """Checks the layout (names, contiguous indices, val then train, dtype, sizes) and returns the token stream."""
+    files = sorted(shard_files(out_dir), key=lambda f: int(re.search(r"(\d{6})\.npy$", f).group(1)))
+    assert files, "no shards"
+    assert files == [f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy" for i in range(len(files))]
+    arrays = [np.load(os.path.join(out_dir, f)) for f in files]
+    for i, a in enumerate(arrays):
+        assert a.dtype == np.uint16 and a.ndim == 1
+        assert len(a) == shard_size if i < len(arrays) - 1 else 0 < len(a) <= shard_size
+    return np.concatenate(arrays)
+
+
+def dir_bytes(out_dir):
+    out = {}
+    for f in sorted(os.listdir(out_dir)):
+        with open(os.path.join(out_dir, f), "rb") as fh:
+            out[f] = fh.read()
+    return out
+
+
+def test_local_files_become_exact_shards(tmp_path):
+    docs = make_docs(140, seed=1, long_every=40)  # long documents span several 500-token shards
+    jsonl_docs, parquet_docs, json_docs = docs[:50], docs[50:100], docs[100:130]
+    txt_docs = ["", "a whole file\r\nis one document 🙂\n"]
+    surrogate_doc = "broken \ud800 surrogate"  # occurs in scraped JSON; tiktoken replaces it
+    inputs = [write_jsonl(tmp_path / "a.jsonl", jsonl_docs), write_parquet(tmp_path / "b.parquet", parquet_docs)]
+    (tmp_path / "c.json").write_text(json.dumps([{"text": d} for d in json_docs]))
+    inputs.append(str(tmp_path / "c.json"))
+    for i, doc in enumerate(txt_docs):
+        (tmp_path / f"d{i}.txt").write_bytes(doc.encode())
+        inputs.append(str(tmp_path / f"d{i}.txt"))
+    (tmp_path / "e.jsonl").write_text("\n" + json.dumps({"text": surrogate_doc}) + "\n\n")
+    inputs.append(str(tmp_path / "e.jsonl"))
+    all_docs = jsonl_docs + parquet_docs + json_docs + txt_docs + [surrogate_doc]
+    expected = expected_tokens(all_docs)
+
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+    assert run(["--input", *inputs, "--output_dir", out1, "--shard_size", 500, "--num_proc", 1]) == 0
+    assert np.array_equal(read_shards(out1, 500), expected)
+    assert len(expected) > 5 * 500
+    assert sorted(os.listdir(out1)) == sorted(shard_files(out1) + [fineweb.MANIFEST])  # no temp or cache files
+    manifest = json.loads((out1 / fineweb.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["documents"] == len(all_docs) and manifest["tokens"] == len(expected)
+    # worker processes change nothing, not even a byte of the manifest
+    assert run(["--input", *inputs, "--output_dir", out2, "--shard_size", 500, "--num_proc", 2]) == 0
+    assert dir_bytes(out1) == dir_bytes(out2)
+
+
+def test_tokenize_texts_in_order_and_bounded():
+    """Many small batches through 2 workers come back in order, and a huge input is not read ahead unboundedly
+    (Pool.imap would queue it all)."""
+    pulled = 0
+
+    def endless():  # as good as endless here, yet finite: an unbounded reader fails the test instead of hanging it
+        nonlocal pulled
+        while pulled < 100_000:
+            yield f"document {pulled}: " + "some words here " * (pulled % 5)
+            pulled += 1
+
+    batch_chars = 200
+    gen = fineweb.tokenize_texts(endless(), num_proc=2, batch_chars=batch_chars)
+    results = [next(gen) for _ in range(20)]
+    gen.close()  # stops the pool
+    lengths = np.concatenate([lengths for _, lengths in results])
+    docs = [f"document {i}: " + "some words here " * (i % 5) for i in range(len(lengths))]
+    assert np.array_equal(np.concatenate([t for t, _ in results]), expected_tokens(docs))
+    assert np.array_equal(lengths, [len(expected_tokens([d])) for d in docs])
+    max_docs_per_batch = batch_chars // len("document 0: ") + 1
+    assert pulled <= (20 + fineweb.IN_FLIGHT * 2 + 1) * max_docs_per_batch
+
+
+def test_continue_from_any_shard_boundary(tmp_path):
+    """A run stopped after any number of complete shards (manifest written, later shards missing, stale files
+    around) continues to exactly the uninterrupted result; a damaged shard is redone; a finished run is left alone."""
+    docs = make_docs(80, seed=2, long_every=30)
+    lengths = [len(expected_tokens([d])) for d in docs]
+    shard_size = sum(lengths[:9])  # the first boundary falls exactly between two documents
+    inputs = [write_jsonl(tmp_path / "a.jsonl", docs[:40]), write_parquet(tmp_path / "b.parquet", docs[40:])]
+    out = tmp_path / "out"
+    argv = ["--input", *inputs, "--output_dir", out, "--shard_size", shard_size, "--num_proc", 1]
+    assert run(argv) == 0
+    reference = dir_bytes(out)
+    assert np.array_equal(read_shards(out, shard_size), expected_tokens(docs))
+    manifest = json.loads(reference[fineweb.MANIFEST])
+    n = len(manifest["shards"])
+    ends = [tuple(s["end"]) for s in manifest["shards"]]
+    assert ends[0] == (9, 0) and any(offset > 0 for _, offset in ends), "both kinds of boundary are covered"
+
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in reference}
+    assert run(argv) == 0  # complete: nothing is rewritten
+    assert {f: os.stat(out / f).st_mtime_ns for f in reference} == mtimes
+
+    for k in range(n):
+        partial = dict(manifest, shards=manifest["shards"][:k], complete=False)
+        del partial["documents"], partial["tokens"]
+        (out / fineweb.MANIFEST).write_text(json.dumps(partial))
+        for s in manifest["shards"][k + 1:]:
+            os.remove(out / s["file"])  # shard k stays: renamed, but killed before the manifest listed it
+        (out / fineweb.PARTIAL).write_bytes(b"half a shard")
+        assert run(argv) == 0
+        assert dir_bytes(out) == reference, f"continuing after {k} shards"
+
+    damaged = manifest["shards"][n // 2]["file"]
+    with open(out / damaged, "r+b") as f:
+        f.truncate(100)
+    assert run(argv) == 0
+    assert dir_bytes(out) == reference
+
+
+def live_children(pid):
+    """Processes whose parent is pid (Linux /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def is_alive(pid):
+    """Running, not exited (an orphan that exited may stay a zombie until its new parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killed_run_continues_to_identical_shards(tmp_path):
+    """The real CLI with 2 workers, SIGKILLed as soon as its first shard appears, then rerun: same shards as an
+    uninterrupted run, no file under a shard name is ever short, and the orphaned workers exit."""
+    rng = np.random.default_rng(3)
+    words = np.array(WORDS + UNICODE)
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for _ in range(500)]  # ~60 shards
+    data = write_jsonl(tmp_path / "data.jsonl", docs)
+    shard_size = 2000
+    argv = ["--input", data, "--shard_size", shard_size]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert run([*argv, "--output_dir", reference, "--num_proc", 1]) == 0
+
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "fineweb.py"), *map(str, argv),
+                                 "--output_dir", str(killed), "--num_proc", "2"], stdout=subprocess.DEVNULL, stderr=err)
+        checked = set()
+        deadline = time.time() + 120
+        while not (killed / fineweb.shard_filename(0)).exists():
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.time() < deadline
+            time.sleep(0.002)
+        workers = live_children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(workers) >= 2
+    while any(map(is_alive, workers)):
+        assert time.time() < deadline, "workers of the killed run are still running"
+        time.sleep(0.05)
+    for f in shard_files(killed):  # every file under a real name is a whole shard
+        a = np.load(killed / f)
+        assert a.dtype == np.uint16 and a.shape == (shard_size,)
+        checked.add(f)
+    manifest = json.loads((killed / fineweb.MANIFEST).read_text())
+    assert not manifest["complete"], "the run finished before it was killed: the test needs more data"
+    assert len(checked) < len(shard_files(reference)) - 1
+
+    assert run([*argv, "--output_dir", killed, "--num_proc", 1]) == 0  # continuing may use another --num_proc
+    assert dir_bytes(killed) == dir_bytes(reference)
+    assert np.array_equal(read_shards(killed, shard_size), expected_tokens(docs))
+
+
+def bad_input_cases(tmp_path):
+    """(files to pass as --input, text the one error line must contain) for each kind of bad input."""
+    good = write_jsonl(tmp_path / "good.jsonl", make_docs(30, seed=4))
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"text": "a"}\n{"text": "b"}\n{"content": "c"}\n')
+    null_text = tmp_path / "null_text.jsonl"
+    null_text.write_text('{"text": "a"}\n{"text": null}\n')
+    bad_json = tmp_path / "bad_json.jsonl"
+    bad_json.write_text('{"text": "a"}\n{"text": "b"\n')
+    not_object = tmp_path / "not_object.jsonl"
+    not_object.write_text('["text", "a"]\n')
+    no_column = tmp_path / "no_column.parquet"
+    pq.write_table(pa.table({"content": ["a", "b"]}), no_column)
+    null_row = tmp_path / "null_row.parquet"
+    pq.write_table(pa.table({"text": ["a", None]}), null_row)
+    array_no_text = tmp_path / "array.json"
+    array_no_text.write_text(json.dumps([{"text": "a"}, {"body": "b"}]))
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("café".encode("latin-1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    empty_parquet = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_parquet)
+    csv = tmp_path / "data.csv"
+    csv.write_text("text\na\n")
+    return {
+        "missing file": ([tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
+        "missing text": ([good, no_text], 'no_text.jsonl:3: record has no "text" field'),
+        "null text": ([null_text], 'null_text.jsonl:2: "text" is NoneType, not a string'),
+        "invalid json": ([bad_json], "bad_json.jsonl:2: invalid JSON"),
+        "not an object": ([not_object], "not_object.jsonl:1: record is a JSON list, not an object"),
+        "no text column": ([no_column], 'no_column.parquet: no "text" column (columns: content)'),
+        "null row": ([null_row], 'null_row.parquet: row 1: "text" is NoneType'),
+        "json array": ([array_no_text], 'array.json: record 1 has no "text" field'),
+        "not utf-8": ([not_utf8], "latin1.txt: not UTF-8"),
+        "empty jsonl": ([empty], "empty.jsonl: no documents (empty dataset)"),
+        "blank jsonl": ([blank], "no documents (empty dataset)"),
+        "empty parquet": ([empty_parquet, empty], "no documents (empty dataset)"),
+        "unsupported": ([csv], "data.csv: unsupported file type"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "missing text", "null text", "invalid json", "not an object",
+                                  "no text column", "null row", "json array", "not utf-8", "empty jsonl",
+                                  "blank jsonl", "empty parquet", "unsupported"])
+def test_bad_input_one_line_and_nothing_written(tmp_path, capsys, case):
+    inputs, message = bad_input_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    # a tiny shard size: the good documents before the bad record would already fill shards
+    assert run(["--input", *inputs, "--output_dir", out, "--shard_size", 10, "--num_proc", 1]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fineweb.py: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", make_docs(20, seed=5))
+    b = write_jsonl(tmp_path / "b.jsonl", make_docs(20, seed=6))
+    out = tmp_path / "out"
+    assert run(["--input", a, "--output_dir", out, "--shard_size", 100, "--num_proc", 1]) == 0
+    before = dir_bytes(out)
+    capsys.readouterr()
+    for argv, differ in [(["--input", b, "--shard_size", 100], "source"),
+                         (["--input", a, "--shard_size", 50], "shard_size")]:
+        assert run([*argv, "--output_dir", out, "--num_proc", 1]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out}: holds shards of a different run ({differ} differ" in err[0], err
+        assert dir_bytes(out) == before
+
+    foreign = tmp_path / "foreign"  # e.g. build-nanogpt's output: shards without our manifest
+    foreign.mkdir()
+    np.save(foreign / "edufineweb_val_000000.npy", np.zeros(10, np.uint16))
+    assert run(["--input", a, "--output_dir", foreign, "--num_proc", 1]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "foreign: holds shards (edufineweb_val_000000.npy, ...) of a different run" in err[0]
+    assert os.listdir(foreign) == ["edufineweb_val_000000.npy"]
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert run(["--input", a, "--output_dir", a_file, "--num_proc", 1]) == 2
+    assert "a_file: not a directory" in capsys.readouterr().err
+
+
+def test_token_ids_checked_to_fit_uint16():
+    assert fineweb.to_uint16(np.array([0, 50256, 65535])).dtype == np.uint16
+    with pytest.raises(fineweb.DataError, match="token id 65536 does not fit in uint16"):
+        fineweb.to_uint16(np.array([1, 65536]))
+
+
+def test_hub_path_through_datasets(tmp_path):
+    """The --dataset path (datasets.load_dataset, downloaded and streamed) on a local dataset folder, offline, with
+    datasets' cache in tmp_path: same shards either way, nothing but shards and the manifest in the output."""
+    docs = make_docs(60, seed=7, long_every=20)
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "data.jsonl", docs)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "data.jsonl").write_text('{"content": "a"}\n')
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), *map(str, argv)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    expected = expected_tokens(docs)
+    for streaming in ([], ["--streaming"]):
+        out = tmp_path / f"out{len(streaming)}"
+        r = cli("--dataset", tmp_path / "ds", *streaming, "--output_dir", out, "--shard_size", 300, "--num_proc", 1)
+        assert r.returncode == 0, r.stderr
+        assert np.array_equal(read_shards(out, 300), expected)
+        assert sorted(os.listdir(out)) == sorted(shard_files(out) + [fineweb.MANIFEST])
+    r = cli("--dataset", tmp_path / "bad", "--streaming", "--output_dir", tmp_path / "out_bad")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f'fineweb.py: error: {tmp_path / "bad"}: no "text" column (columns: content)'
+    assert not (tmp_path / "out_bad").exists()
