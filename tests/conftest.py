@@ -10,6 +10,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts live at the top level, not in a package
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread (subprocesses get OMP_NUM_THREADS=1): the tests' tiny matmuls gain nothing from more, and
+    on 2 shared cores thread contention makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A random GPT2LMHeadModel with GPT-2's vocabulary (so real tiktoken ids work), saved with save_pretrained."""

@@ -17,9 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import fineweb  # noqa: E402
+import fineweb
+from conftest import ROOT
 
 EOT = 50256
 WORDS = ("the of and to in is that for it as with was on be by at this are from or an have not which but "

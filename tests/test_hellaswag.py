@@ -16,22 +16,13 @@ import torch
 import torch.multiprocessing as mp
 
 import hellaswag
+from conftest import ROOT
 from model import GPT, GPTConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a man woman dog is sitting on roof He She They then walks to car and starts pulling up shingles with "
          "hammer while talking camera, slowly. quickly! kitchen knife cuts onions into small pieces bowl water "
          "ball throws catches jumps over fence laughing").split()
 RESULT_LINE = re.compile(r"^hellaswag: n=(\d+) acc=(\d\.\d{4}) acc_norm=(\d\.\d{4})$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is as fast, and far faster when other processes share the cores (no spinning workers)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_record(rng, ind, n_ctx_words):
@@ -250,7 +241,7 @@ def test_two_processes_equal_one(scored, model, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "hellaswag.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 

@@ -16,11 +16,11 @@ import torch
 from torch.testing import assert_close
 
 import plot
+from conftest import ROOT
 import train_gpt2
 from model import GPT, GPTConfig
 from train_gpt2 import TokenStream, TrainLoader, get_lr, main, parse_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 VOCAB = 256  # small vocabulary: fast steps (runs with sampling / HellaSwag use GPT-2's)
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -65,16 +65,6 @@ def load(path):
 def run_cli(args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=SUBPROCESS_ENV)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, here and in the subprocesses (SUBPROCESS_ENV): on 2 shared cores tiny matmuls run several
-    times faster without thread contention, and the in-process and subprocess runs compute identically."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
