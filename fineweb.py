@@ -329,9 +329,11 @@ def save_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: give the space back (a kill -9 leaves it to the next run to delete)
+    except BaseException as e:  # e.g. a full disk: give the space back (a kill -9 leaves it to the next run to delete)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a write error may name no file ("No space left on device"): name the one meant
+            raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
 
 

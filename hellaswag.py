@@ -18,6 +18,7 @@ The data is downloaded once from rowanz/hellaswag into hellaswag/ next to this f
 import argparse
 import dataclasses
 import http.client
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import tempfile
 import time
 import urllib.request
 
+import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
@@ -181,39 +183,58 @@ def render_example(example, enc):
 
 
 def make_row(ctx_tokens, ending_tokens, block_size):
-    """One input row (context + ending) and its targets: targets[t] is row[t + 1] where that is an ending token (what
-    logits[t] is scored on) and -1 elsewhere (context, the end). A row longer than block_size loses its first tokens
+    """One input row (context + ending) and the position of its first scored token: the ending tokens row[first:]
+    are scored, each by the logits of the position before it. A row longer than block_size loses its first tokens
     (context) and keeps the ending; that never happens to HellaSwag at GPT-2's 1024."""
     row = ctx_tokens + ending_tokens
     cut = max(0, len(row) - block_size)
-    row = row[cut:]
-    first = max(len(ctx_tokens) - cut, 1)  # position of the first scored ending token (it needs a predecessor)
-    return row, [-1] * (first - 1) + row[first:] + [-1]
+    return row[cut:], max(len(ctx_tokens) - cut, 1)  # the first token has no predecessor: never scored
 
 
-def collate(rows, n_rows, block_size, pad_multiple):
-    """Stack (row, targets) pairs into idx (n_rows, T) and targets (n_rows, T), both long: T is the longest row rounded
-    up to a multiple of pad_multiple (at most block_size), and the rows missing from n_rows are dummy rows. Padding
-    and dummy rows have targets -1: they are never scored."""
-    longest = max((len(row) for row, _ in rows), default=1)  # default: a batch of dummy rows only
-    T = min(pad_multiple * math.ceil(longest / pad_multiple), block_size)
-    idx = torch.zeros((n_rows, T), dtype=torch.long)  # token 0 as padding: after the row, so causal attention ignores it
-    tgt = torch.full((n_rows, T), -1, dtype=torch.long)
-    for r, (row, target) in enumerate(rows):
-        idx[r, :len(row)] = torch.tensor(row)
-        tgt[r, :len(target)] = torch.tensor(target)
-    return idx, tgt
+def bucket(length, pad_multiple, block_size):
+    """The T of a forward pass whose longest row has `length` tokens: rounded up to a multiple of pad_multiple, at
+    most block_size (a pass of dummy rows only counts as length 1)."""
+    return min(pad_multiple * math.ceil(max(length, 1) / pad_multiple), block_size)
 
 
-def ending_losses(logits, targets, vocab_size):
-    """Per-row (total loss, number of tokens) over the positions where targets >= 0. logits (R, T, V), targets (R, T).
-    The softmax runs over the tokenizer's vocab_size ids only: a model with a padded vocabulary (50304) has extra
-    logits that are no tokens. Only the scored positions go through cross-entropy, in float32."""
-    mask = targets >= 0  # (R, T)
-    losses = F.cross_entropy(logits[mask][:, :vocab_size].float(), targets[mask], reduction="none")  # (M,)
-    rows = mask.nonzero()[:, 0]  # (M,) the row of each scored token
-    total = torch.zeros(targets.size(0), device=logits.device).index_add_(0, rows, losses)  # (R,)
-    return total, mask.sum(dim=1)
+def render_rows(examples, enc, block_size, n_rows, pad_multiple):
+    """The 4 rows of every example, sorted longest first, and n_rows - 4 * len(examples) dummy rows after them, as
+    numpy int64 arrays (built with a few vectorized operations: no per-row tensor work in the batch loop):
+        tokens  (n_rows, W)  each row's tokens, then zeros (padding after a row: causal attention never sees it)
+        cols    (n_rows, E)  the positions t whose logits are scored (0 where a row has fewer than E)
+        targets (n_rows, E)  the token each of them is scored on, row[t + 1] (-1: not scored)
+        lengths (n_rows,)    row lengths (0: dummy row)
+        order   (R,)         the slot, 4 * example + ending, of each of the R real rows
+    W is the longest row rounded up as a forward pass would be; E the most scored tokens of a row.
+    Rows of about the same length then share a forward pass (little padding) and an out-of-memory shows up at once."""
+    rows, firsts = [], []
+    for example in examples:
+        ctx_tokens, endings = render_example(example, enc)
+        for ending_tokens in endings:
+            row, first = make_row(ctx_tokens, ending_tokens, block_size)
+            rows.append(row)
+            firsts.append(first)
+    lengths = np.array([len(row) for row in rows], dtype=np.int64)  # (R,)
+    firsts = np.array(firsts, dtype=np.int64)  # (R,)
+    n_scored = lengths - firsts  # (R,)
+    W = bucket(int(lengths.max(initial=0)), pad_multiple, block_size)
+    E = int(n_scored.max(initial=1))
+    R = len(rows)
+    tokens = np.zeros((n_rows, W), dtype=np.int64)
+    # a boolean mask assigns in row-major order: row by row, exactly as the rows are concatenated
+    tokens[:R][np.arange(W) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(rows), np.int64,
+                                                               count=int(lengths.sum()))
+    j = np.arange(E)  # (E,)
+    scored = j < n_scored[:, None]  # (R, E)
+    cols = np.zeros((n_rows, E), dtype=np.int64)
+    cols[:R] = np.where(scored, firsts[:, None] - 1 + j, 0)
+    targets = np.full((n_rows, E), -1, dtype=np.int64)
+    # row[t + 1] where scored (cols + 1); elsewhere an in-range index (cols + 0 = 0) whose token is then dropped
+    targets[:R] = np.where(scored, np.take_along_axis(tokens[:R], cols[:R] + scored, axis=1), -1)
+    order = np.argsort(-lengths, kind="stable")  # (R,) longest first, ties in example order
+    lengths = np.concatenate([lengths[order], np.zeros(n_rows - R, dtype=np.int64)])
+    tokens[:R], cols[:R], targets[:R] = tokens[order], cols[order], targets[order]
+    return tokens, cols, targets, lengths, order
 
 
 def _block_size(model):
@@ -237,33 +258,34 @@ def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, ran
     enc = tiktoken.get_encoding("gpt2")
     block_size = _block_size(model)
     share = examples[rank::world_size]
-    # The 4 rows of an example need not share a forward pass: rows sorted by length, longest first, fill each batch
-    # with rows of about the same length (little padding) and an out-of-memory shows up at once.
-    rows = []  # (row, targets, slot): slot = 4 * example + ending
-    for i, example in enumerate(share):
-        ctx_tokens, endings = render_example(example, enc)
-        rows += [(*make_row(ctx_tokens, ending, block_size), NUM_ENDINGS * i + j) for j, ending in enumerate(endings)]
-    rows.sort(key=lambda r: -len(r[0]))
     per_rank = NUM_ENDINGS * math.ceil(len(examples) / world_size)  # rows of the largest share
-    n_rows = min(NUM_ENDINGS * batch_size, per_rank)  # a fixed batch dimension, no larger than needed
-    totals = torch.zeros(len(rows), device=device)  # summed loss over each (example, ending)'s ending tokens
-    n_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
-    bar = tqdm(total=len(rows), unit="row", desc="hellaswag", disable=not progress, dynamic_ncols=True)
-    for start in range(0, per_rank, n_rows):
-        # a rank out of rows still runs the forward pass (of dummy rows only), as the other ranks do
-        chunk = rows[start:start + n_rows]
-        idx, targets = collate([(row, target) for row, target, _ in chunk], n_rows, block_size, pad_multiple)
-        idx, targets = idx.to(device), targets.to(device)
+    batch_rows = min(NUM_ENDINGS * batch_size, per_rank)  # a fixed batch dimension, no larger than needed
+    n_batches = math.ceil(per_rank / batch_rows)  # the same on every rank: a rank out of rows runs dummy rows
+    tokens, cols, targets, lengths, order = render_rows(share, enc, block_size, n_batches * batch_rows, pad_multiple)
+    n_scored = (targets >= 0).sum(axis=1)  # (rows,) ending tokens scored per row
+    # Everything goes to the device once, and a batch is a slice of it: the loop below neither copies from the host
+    # nor waits for the device (no .item(), no boolean indexing), so the GPU runs the forward passes back to back.
+    tokens, cols, targets = (torch.from_numpy(a).to(device) for a in (tokens, cols, targets))
+    losses = torch.zeros(len(lengths), device=device)  # (rows,) summed loss over each row's ending tokens
+    row_index = torch.arange(batch_rows, device=device)[:, None]  # (batch_rows, 1)
+    bar = tqdm(total=len(order), unit="row", desc="hellaswag", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(lengths), batch_rows):
+        end = start + batch_rows
+        T = bucket(int(lengths[start]), pad_multiple, block_size)  # rows are sorted: the first is the longest
+        E = max(int(n_scored[start:end].max()), 1)  # the most scored tokens of a row in this batch
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, _ = model(idx)  # (n_rows, T, V)
-        total, count = ending_losses(logits, targets, enc.n_vocab)  # (n_rows,), (n_rows,)
-        slots = torch.tensor([slot for _, _, slot in chunk], dtype=torch.long, device=device)
-        totals[slots] = total[:len(chunk)]
-        n_tokens[slots] = count[:len(chunk)]
-        bar.update(len(chunk))
+            logits, _ = model(tokens[start:end, :T])  # (batch_rows, T, V)
+        # the logits of the scored positions only, (batch_rows, E, V), and the softmax over the tokenizer's n_vocab
+        # ids (a model with a padded vocabulary, 50304, has extra logits that are no tokens), in float32
+        picked = logits[row_index, cols[start:end, :E], :enc.n_vocab].float()
+        token_losses = F.cross_entropy(picked.flatten(0, 1), targets[start:end, :E].flatten(), ignore_index=-1,
+                                       reduction="none")  # (batch_rows * E,) 0 where not scored
+        losses[start:end] = token_losses.view(batch_rows, E).sum(dim=1)  # a plain sum: deterministic, unlike atomics
+        bar.update(max(0, min(end, len(order)) - start))  # (on a GPU it runs ahead of the work queued)
     bar.close()
-    totals = totals.view(-1, NUM_ENDINGS)  # (examples, 4)
-    means = totals / n_tokens.view(-1, NUM_ENDINGS)  # mean loss per ending token
+    inverse = torch.from_numpy(np.argsort(order)).to(device)  # (examples * 4,) the sorted row of each slot
+    totals = losses[inverse].view(-1, NUM_ENDINGS)  # (examples, 4) summed loss over each ending's tokens
+    means = totals / torch.from_numpy(n_scored).to(device)[inverse].view(-1, NUM_ENDINGS)  # mean loss per token
     labels = torch.tensor([example["label"] for example in share], dtype=torch.long, device=device)
     counts = torch.stack([labels.new_tensor(len(share)), (totals.argmin(dim=1) == labels).sum(),
                           (means.argmin(dim=1) == labels).sum()])  # n, correct, correct_norm
@@ -325,6 +347,20 @@ def default_device():
     return "cpu"
 
 
+def parse_device(name):
+    """torch.device(name), checked to exist here (else a deep error at the first .to(device)). Raises HellaSwagError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise HellaSwagError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)
+    if not available():
+        raise HellaSwagError(f"--device {name}: not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HellaSwagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -345,7 +381,10 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere (the reference is fp32/tf32)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or default_device())
+    try:
+        device = parse_device(args.device or default_device())
+    except HellaSwagError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     # the reference numbers were measured with TF32 matmuls; bf16 autocast covers the matmuls anyway
     torch.set_float32_matmul_precision("high")

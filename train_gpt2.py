@@ -14,6 +14,8 @@ would have had. log_dir/log.txt keeps build-nanogpt's format; `python plot.py lo
 import contextlib
 import dataclasses
 import glob
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -127,10 +129,19 @@ def parse_args(argv, config_class=TrainConfig):
     return config_class(**overrides)
 
 
-def usage():
-    lines = [__doc__.strip(), "", "options (--name=value; what each one does: TrainConfig at the top of this file):"]
-    for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{f.name}={f.default!r}  ({f.type.__name__})")
+def usage(config_class=TrainConfig):
+    """--help: the docstring, then every option with its default, type and comment, under the section comments of
+    config_class (its source is the one place the options are described)."""
+    lines = [__doc__.strip(), "", "options (--name=value), the defaults at the top of train_gpt2.py:"]
+    defaults = {f.name: f for f in dataclasses.fields(config_class)}
+    for line in inspect.getsource(config_class).splitlines():
+        code, _, comment = line.strip().partition("# ")
+        name = code.split(":", 1)[0]
+        if not code:  # a section comment
+            lines.append(f"  {comment}" if comment else "")
+        elif name in defaults:
+            f = defaults[name]
+            lines.append(f"    --{name}={f.default!r} ({f.type.__name__})" + (f"  {comment}" if comment else ""))
     return "\n".join(lines)
 
 
@@ -169,6 +180,8 @@ def check_config(cfg, world_size):
     if cfg.init_from == "scratch" and cfg.vocab_size < GPT2_VOCAB_SIZE and (cfg.sample_every or cfg.hellaswag_every):
         raise ConfigError(f"vocab_size {cfg.vocab_size} < {GPT2_VOCAB_SIZE} (GPT-2's tokenizer): "
                           "sampling and HellaSwag need the GPT-2 vocabulary; set --sample_every=0 --hellaswag_every=0")
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb_log=true needs wandb: pip install wandb")
     return cfg.total_batch_size // tokens_per_micro_step
 
 
@@ -557,6 +570,16 @@ def find_checkpoint(cfg):
     return path, checkpoint
 
 
+def check_same_step(start_step, device):
+    """Every rank reads log_dir itself: on several nodes without a shared log_dir they would resume different steps
+    (or some none) and train replicas that silently drift apart. Collective: every rank calls it."""
+    steps = torch.tensor([start_step, -start_step], device=device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # [max, -min]
+    if steps[0].item() != -steps[1].item():
+        raise ConfigError(f"the ranks found different checkpoints to resume (steps {-steps[1].item()} to "
+                          f"{steps[0].item()}): log_dir must be one directory that every node shares")
+
+
 def open_data(cfg):
     """(train stream, val stream or None, HellaSwag examples): everything a run reads, checked before it starts.
     Every rank maps the shards; each reads only its own chunks."""
@@ -626,6 +649,8 @@ def run(cfg, d):
 
     resume_path, checkpoint = find_checkpoint(cfg)
     start_step = checkpoint["step"] if checkpoint else 0
+    if d.ddp:
+        check_same_step(start_step, device)
     if checkpoint and start_step >= cfg.max_steps:
         log(f"{resume_path} is at step {start_step}, max_steps is {cfg.max_steps}: nothing to do")
         return 0
@@ -648,7 +673,13 @@ def run(cfg, d):
                                                verbose=d.master)
     loader = TrainLoader(train_stream, cfg.batch_size, cfg.block_size, d.rank, d.world_size, cfg.vocab_size, device)
     if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        # load_state_dict would also restore the checkpoint's hyperparameters and flags (weight_decay, betas, eps,
+        # fused...): keep the ones just built from the current options and device, as "changed options" promises.
+        # Before loading, because `fused` decides where the `step` tensors go (the param's device for fused AdamW).
+        saved = checkpoint["optimizer"]
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
+            saved_group.update({k: v for k, v in group.items() if k != "params"})
+        optimizer.load_state_dict(saved)
         loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], device)
         changed = compare_configs(checkpoint["train_config"], dataclasses.asdict(cfg))

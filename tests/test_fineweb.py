@@ -330,6 +330,16 @@ def test_output_dir_of_another_run_is_refused(tmp_path, capsys):
     assert "a_file: not a directory" in capsys.readouterr().err
 
 
+def test_write_error_names_the_file(tmp_path):
+    # e.g. a full disk: np.save's OSError names no file; the error must, and nothing is left under the temporary name
+    def full_disk(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(fineweb.DataError, match=r"edufineweb_val_000000\.npy: cannot write \(No space left on device\)"):
+        fineweb.save_atomic(str(tmp_path / fineweb.shard_filename(0)), full_disk)
+    assert os.listdir(tmp_path) == []
+
+
 def test_token_ids_checked_to_fit_uint16():
     assert fineweb.to_uint16(np.array([0, 50256, 65535])).dtype == np.uint16
     with pytest.raises(fineweb.DataError, match="token id 65536 does not fit in uint16"):

@@ -306,3 +306,7 @@ def test_cli_errors(scored, tiny_hf_dir, tmp_path, capsys):
     del state["lm_head.weight"]
     torch.save({"model": state, "config": config}, wrong)
     assert "1 missing tensors (e.g. lm_head.weight)" in cli_error(capsys, "--model", str(wrong), "--data", path)
+    assert "--device gpu: " in cli_error(capsys, "--model", tiny_hf_dir, "--data", path, "--device", "gpu")
+    if not torch.cuda.is_available():
+        assert cli_error(capsys, "--model", tiny_hf_dir, "--data", path, "--device", "cuda").endswith(
+            "--device cuda: not available on this machine")

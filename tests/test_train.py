@@ -119,6 +119,24 @@ def test_config_errors(args, message, capsys, tmp_path):
     assert err.startswith("train_gpt2.py: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_wandb_missing_is_one_clear_error(capsys, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed")
+    except ImportError:
+        pass
+    assert main(["--wandb_log=true", f"--log_dir={tmp_path}"]) == 2
+    assert "--wandb_log=true needs wandb: pip install wandb" in capsys.readouterr().err
+
+
+def test_help_describes_every_option(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "torchrun --standalone" in out and "\n  optimizer: AdamW" in out
+    assert "--keep_checkpoints=3 (int)  the newest N checkpoints are kept" in out
+    assert all(f"--{f.name}=" in out for f in train_gpt2.dataclasses.fields(train_gpt2.TrainConfig))
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -319,6 +337,11 @@ def test_resume_guards(data_dir, tmp_path, capsys):
     junk.write_text("junk")
     assert main(tiny_args(data_dir, str(tmp_path / "other"), resume=junk)) == 2
     assert "cannot load the checkpoint" in capsys.readouterr().err
+    # changed optimizer options apply to the resumed run (load_state_dict would restore the checkpoint's)
+    assert main(tiny_args(data_dir, log_dir, max_steps=5, val_every=0, weight_decay=0.05, beta2=0.99)) == 0
+    assert "weight_decay: 0.1 -> 0.05" in capsys.readouterr().out
+    groups = load(os.path.join(log_dir, "model_00005.pt"))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))]
 
 
 def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path):
@@ -383,6 +406,28 @@ def test_ddp_two_processes_equal_one_process_accumulating(data_dir, tmp_path):
     for k in a["model"]:
         assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
     assert a["loader"] == b["loader"]
+
+
+def test_ranks_resuming_different_steps_is_an_error(tmp_path):
+    """Nodes that don't share log_dir would resume different checkpoints: every rank stops with exit code 2."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train_gpt2\n"
+        "dist.init_process_group('gloo')\n"
+        "rank, cpu = dist.get_rank(), torch.device('cpu')\n"
+        "train_gpt2.check_same_step(7, cpu)  # the same step everywhere: fine\n"
+        "try:\n"
+        "    train_gpt2.check_same_step(10 * rank, cpu)\n"
+        "except train_gpt2.ConfigError as e:\n"
+        "    print(f'rank {rank}: {e}')\n"
+        "dist.destroy_process_group()\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: the ranks found different checkpoints to resume (steps 0 to 10)" in result.stdout
 
 
 def test_compile_on_cpu_matches_eager(tmp_path, capsys):
