@@ -61,6 +61,15 @@ def check_text(text, where):
     return text
 
 
+def record_text(record, where):
+    """The `text` of one JSON record (`where` names it: "file:line" or "file: array item N"), checked."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: record is a JSON {type(record).__name__}, not an object")
+    if "text" not in record:
+        raise DataError(f'{where}: record has no "text" field')
+    return check_text(record["text"], where)
+
+
 def iter_jsonl(path):
     """Texts of a JSON Lines file: one object with a "text" field per non-blank line."""
     with open(path, "rb") as f:
@@ -76,11 +85,7 @@ def iter_jsonl(path):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: record is a JSON {type(record).__name__}, not an object")
-            if "text" not in record:
-                raise DataError(f'{where}: record has no "text" field')
-            yield check_text(record["text"], where)
+            yield record_text(record, where)
 
 
 def iter_json(path):
@@ -96,12 +101,7 @@ def iter_json(path):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: invalid JSON ({e})") from None
     for i, record in enumerate(records):
-        where = f"{path}: record {i}"
-        if not isinstance(record, dict):
-            raise DataError(f"{where} is a JSON {type(record).__name__}, not an object")
-        if "text" not in record:
-            raise DataError(f'{where} has no "text" field')
-        yield check_text(record["text"], where)
+        yield record_text(record, f"{path}: array item {i}")
 
 
 def iter_parquet(path):

@@ -280,7 +280,7 @@ def bad_input_cases(tmp_path):
         "not an object": ([not_object], "not_object.jsonl:1: record is a JSON list, not an object"),
         "no text column": ([no_column], 'no_column.parquet: no "text" column (columns: content)'),
         "null row": ([null_row], 'null_row.parquet: row 1: "text" is NoneType'),
-        "json array": ([array_no_text], 'array.json: record 1 has no "text" field'),
+        "json array": ([array_no_text], 'array.json: array item 1: record has no "text" field'),
         "not utf-8": ([not_utf8], "latin1.txt: not UTF-8"),
         "empty jsonl": ([empty], "empty.jsonl: no documents (empty dataset)"),
         "blank jsonl": ([blank], "no documents (empty dataset)"),
