@@ -791,7 +791,7 @@ def run(cfg, d):
         tokens_per_sec = cfg.total_batch_size / mean
         log(f"done: {len(steady)} steps averaged {format_ms(mean)}/step, {tokens_per_sec:,.0f} tok/s, "
             f"MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)} "
-            "(the first step of this process, with torch.compile's work, excluded)")
+            "(the first step of this process excluded: warm-up, and torch.compile's work when on)")
     if wandb:
         wandb.finish()
     return 0
