@@ -1,6 +1,7 @@
 """
-Examples/s of hellaswag.evaluate, batched, against scoring one example at a time as the reference script does (a
-forward pass of 4 unpadded rows per example): same model, same generated examples, one timed run each.
+Examples/s of hellaswag.evaluate (batched, logits at the scored positions only) against scoring one example at a
+time as the reference script does (a forward pass of 4 rows per example, logits everywhere): same model, same
+generated examples, one timed run each.
 
     python bench_hellaswag.py                                  # CPU, a small random GPT (4 layers, 128 wide)
     python bench_hellaswag.py --device cuda --n 2048           # GPT-2 small (124M, random weights) under bf16 autocast
@@ -13,9 +14,11 @@ so the numbers need no download; the two runs must agree on the counts.
 import argparse
 import random
 import time
+from functools import partial
 
 import tiktoken
 import torch
+from torch.nn import functional as F
 
 import hellaswag
 from model import GPT, GPTConfig
@@ -32,12 +35,37 @@ def generate_examples(n, enc, seed=0):
             for _ in range(n)]
 
 
-def timed(model, examples, device, autocast_dtype, **kwargs):
-    """(result, examples/s) of one evaluate call, after an untimed call on a few examples (allocator, kernels)."""
-    hellaswag.evaluate(model, examples[:8], device=device, autocast_dtype=autocast_dtype, **kwargs)
+@torch.no_grad()
+def one_at_a_time(model, examples, *, device, autocast_dtype, enc):
+    """The reference script's way, written out independently: one forward pass per example, its 4 rows padded to the
+    longest of them, logits at every position, each ending's loss summed over its tokens. -> (n, correct, norm)."""
+    correct = correct_norm = 0
+    for example in examples:
+        ctx_tokens, endings = hellaswag.render_example(example, enc)
+        rows = [ctx_tokens + ending for ending in endings]
+        T = max(len(row) for row in rows)
+        idx = torch.zeros((len(rows), T), dtype=torch.long)
+        scored = torch.zeros((len(rows), T), dtype=torch.bool)  # the ending tokens
+        for i, row in enumerate(rows):
+            idx[i, :len(row)] = torch.tensor(row)
+            scored[i, len(ctx_tokens):len(row)] = True
+        idx, scored = idx.to(device), scored.to(device)
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, _ = model(idx)  # (4, T, V)
+        losses = F.cross_entropy(logits[:, :-1, :enc.n_vocab].float().flatten(0, 1), idx[:, 1:].flatten(),
+                                 reduction="none").view(len(rows), T - 1)  # token t + 1 scored by logits t
+        total = (losses * scored[:, 1:]).sum(dim=1)  # (4,)
+        correct += int(total.argmin()) == example["label"]
+        correct_norm += int((total / scored[:, 1:].sum(dim=1)).argmin()) == example["label"]
+    return len(examples), correct, correct_norm
+
+
+def timed(score, examples, **kwargs):
+    """(counts, examples/s) of one call of score, after an untimed call on a few examples (allocator, kernels)."""
+    score(examples[:8], **kwargs)
     t0 = time.perf_counter()
-    result = hellaswag.evaluate(model, examples, device=device, autocast_dtype=autocast_dtype, **kwargs)
-    return result, len(examples) / (time.perf_counter() - t0)  # evaluate returns host ints: the GPU is done
+    counts = score(examples, **kwargs)  # host ints: the GPU is done
+    return counts, len(examples) / (time.perf_counter() - t0)
 
 
 def main():
@@ -61,10 +89,16 @@ def main():
     print(f"{device} ({torch.get_num_threads()} threads), GPT {config.n_layer}L/{config.n_head}H/{config.n_embd}d "
           f"({model.num_params() / 1e6:.1f}M params), {n} generated examples, "
           f"{'bf16 autocast' if autocast_dtype else 'fp32'}{', compiled' if args.compile else ''}")
-    batched, batched_rate = timed(model, examples, device, autocast_dtype, batch_size=args.batch_size)
-    single, single_rate = timed(model, examples, device, autocast_dtype, batch_size=1, pad_multiple=1)
-    if (batched.correct, batched.correct_norm) != (single.correct, single.correct_norm):
-        print(f"counts differ: batched {batched}, one at a time {single}")
+
+    def batched_eval(examples):
+        r = hellaswag.evaluate(model, examples, device=device, autocast_dtype=autocast_dtype, batch_size=args.batch_size)
+        return r.n, r.correct, r.correct_norm
+
+    batched, batched_rate = timed(batched_eval, examples)
+    single, single_rate = timed(partial(one_at_a_time, model, device=device, autocast_dtype=autocast_dtype, enc=enc),
+                                examples)
+    if batched != single:
+        print(f"counts differ (n, correct, correct_norm): batched {batched}, one at a time {single}")
     print(f"batched (batch_size {args.batch_size}): {batched_rate:8.1f} examples/s")
     print(f"one example at a time:    {single_rate:8.1f} examples/s")
     print(f"speedup: {batched_rate / single_rate:.2f}x")

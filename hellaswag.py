@@ -42,6 +42,9 @@ NUM_ENDINGS = 4
 # at most block_size): HellaSwag's rows are tens to a couple of hundred tokens long, so a torch.compile'd model sees
 # a handful of shapes instead of a new one per batch, and rows sorted by length waste about 16 tokens each on padding.
 PAD_MULTIPLE = 32
+# The logits are computed only at the scored positions (the ending tokens), E per row: E is rounded up to a multiple of
+# this, for the same reason.
+SCORED_MULTIPLE = 8
 
 
 class HellaSwagError(ValueError):
@@ -191,10 +194,10 @@ def make_row(ctx_tokens, ending_tokens, block_size):
     return row[cut:], max(len(ctx_tokens) - cut, 1)  # the first token has no predecessor: never scored
 
 
-def bucket(length, pad_multiple, block_size):
-    """The T of a forward pass whose longest row has `length` tokens: rounded up to a multiple of pad_multiple, at
-    most block_size (a pass of dummy rows only counts as length 1)."""
-    return min(pad_multiple * math.ceil(max(length, 1) / pad_multiple), block_size)
+def bucket(length, multiple, cap):
+    """length rounded up to a multiple of `multiple`, at most cap: the T of a forward pass whose longest row has
+    `length` tokens, or its E, the scored positions of its rows (a pass of dummy rows only counts as length 1)."""
+    return min(multiple * math.ceil(max(length, 1) / multiple), cap)
 
 
 def render_rows(examples, enc, block_size, n_rows, pad_multiple):
@@ -247,7 +250,8 @@ def _block_size(model):
 @torch.no_grad()
 def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, rank=0, world_size=1, progress=False,
              pad_multiple=PAD_MULTIPLE):
-    """Score HellaSwag examples with model (called as `logits, _ = model(idx)`; it may be compiled or wrapped in DDP).
+    """Score HellaSwag examples with model, called as `logits, _ = model(idx, positions=cols)` (model.GPT's forward:
+    logits at the scored positions only); it may be compiled or wrapped in DDP.
     batch_size is in examples: a forward pass takes 4 * batch_size rows. Rank r scores examples[r::world_size]; every
     rank runs the same number of forward passes of the same batch size (DDP-safe) and the counts are summed over
     ranks, so every rank returns the result for all examples. autocast_dtype (e.g. torch.bfloat16 on CUDA) runs the
@@ -267,17 +271,17 @@ def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, ran
     # nor waits for the device (no .item(), no boolean indexing), so the GPU runs the forward passes back to back.
     tokens, cols, targets = (torch.from_numpy(a).to(device) for a in (tokens, cols, targets))
     losses = torch.zeros(len(lengths), device=device)  # (rows,) summed loss over each row's ending tokens
-    row_index = torch.arange(batch_rows, device=device)[:, None]  # (batch_rows, 1)
     bar = tqdm(total=len(order), unit="row", desc="hellaswag", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(lengths), batch_rows):
         end = start + batch_rows
         T = bucket(int(lengths[start]), pad_multiple, block_size)  # rows are sorted: the first is the longest
-        E = max(int(n_scored[start:end].max()), 1)  # the most scored tokens of a row in this batch
+        # the most scored tokens of a row in this batch, rounded up (at most the width of cols)
+        E = bucket(int(n_scored[start:end].max()), SCORED_MULTIPLE, cols.size(1))
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, _ = model(tokens[start:end, :T])  # (batch_rows, T, V)
-        # the logits of the scored positions only, (batch_rows, E, V), and the softmax over the tokenizer's n_vocab
-        # ids (a model with a padded vocabulary, 50304, has extra logits that are no tokens), in float32
-        picked = logits[row_index, cols[start:end, :E], :enc.n_vocab].float()
+            logits, _ = model(tokens[start:end, :T], positions=cols[start:end, :E])  # (batch_rows, E, V)
+        # the softmax over the tokenizer's n_vocab ids (a model with a padded vocabulary, 50304, has extra logits
+        # that are no tokens), in float32
+        picked = logits[..., :enc.n_vocab].float()
         token_losses = F.cross_entropy(picked.flatten(0, 1), targets[start:end, :E].flatten(), ignore_index=-1,
                                        reduction="none")  # (batch_rows * E,) 0 where not scored
         losses[start:end] = token_losses.view(batch_rows, E).sum(dim=1)  # a plain sum: deterministic, unlike atomics

@@ -161,7 +161,11 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, positions=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy against targets (B, T), or None).
+        positions (B, E), optional: the logits of those positions only, (B, E, vocab_size) (and targets (B, E)). The
+        lm_head is a third of GPT-2 small's matmul FLOPs; an eval that scores a few positions of each row skips most
+        of it."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -170,7 +174,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if positions is not None:
+            x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
+        logits = self.lm_head(x)  # (B, T or E, vocab_size)
         loss = None
         if targets is not None:
             # mean over the tokens whose target is not -1 (padding / masked positions)

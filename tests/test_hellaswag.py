@@ -119,9 +119,9 @@ class ShapeRecorder(torch.nn.Module):
         self.module = module
         self.shapes = []
 
-    def forward(self, idx):
+    def forward(self, idx, positions):
         self.shapes.append(tuple(idx.shape))
-        return self.module(idx)
+        return self.module(idx, positions=positions)
 
 
 def test_few_fixed_shapes(scored, model):

@@ -43,6 +43,18 @@ def test_logits_and_loss_equal_transformers(tiny_hf_dir, ours):
     assert_close(loss, F.cross_entropy(ref_logits[targets != -1], targets[targets != -1]))
 
 
+def test_logits_at_positions(ours):
+    idx = random_tokens((2, 20))
+    positions = torch.tensor([[0, 5, 19], [3, 3, 7]])
+    targets = random_tokens((2, 3), seed=5)
+    with torch.no_grad():
+        full, _ = ours(idx)
+        picked, loss = ours(idx, targets, positions=positions)
+    expected = torch.stack([full[b, positions[b]] for b in range(2)])  # (2, 3, vocab)
+    assert_close(picked, expected, rtol=1e-5, atol=1e-5)
+    assert_close(loss, F.cross_entropy(expected.view(-1, expected.size(-1)), targets.view(-1)))
+
+
 def test_export_roundtrip_and_greedy_generation(tmp_path, tiny_hf_dir, ours):
     ours.save_pretrained(tmp_path / "export")
     exported = hf_model(tmp_path / "export")
