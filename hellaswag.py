@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, default_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
@@ -341,14 +341,6 @@ def state_dict_mismatch(expected, found):
                 f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else "",
                 f"{len(misshapen)} of other shapes (e.g. {misshapen[0]})" if misshapen else ""]
     return ", ".join(p for p in problems if p)
-
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def parse_device(name):

@@ -328,6 +328,15 @@ PEAK_BF16_FLOPS = (
 )
 
 
+def default_device():
+    """The device to run on when none is named: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def peak_flops(device):
     """The bf16 dense peak FLOP/s of a torch.device, or None where it is unknown (CPU, MPS, an unlisted GPU)."""
     device = torch.device(device)

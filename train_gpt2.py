@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from model import GPT, GPT2_VOCAB_SIZE, GPTConfig, peak_flops
+from model import GPT, GPT2_VOCAB_SIZE, GPTConfig, default_device, peak_flops
 from plot import REFERENCES
 
 
@@ -506,7 +506,7 @@ def dist_from_env():
 
 def pick_device(name, d):
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = default_device()
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but torch sees no CUDA GPU")
     if name == "mps" and not torch.backends.mps.is_available():
