@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 
 import train_gpt2
-from model import peak_flops
+from runtime import ConfigError, dist_from_env, option, parse_args, peak_flops
 
 
 @dataclass
 class BenchConfig:
-    steps: int = 10  # timed optimizer steps
-    warmup: int = 3  # untimed steps first
+    steps: int = option(10, "timed optimizer steps")
+    warmup: int = option(3, "untimed steps first")
 
 
 def split_args(argv):
@@ -45,24 +45,20 @@ def peak_memory_bytes(device):
 
 def bench(cfg, bc):
     """Time bc.warmup + bc.steps optimizer steps of cfg's model; returns the figures as a dict."""
-    grad_accum_steps = train_gpt2.check_config(cfg, world_size=1)
-    device = train_gpt2.pick_device(cfg.device, train_gpt2.dist_from_env())
-    autocast_dtype = train_gpt2.setup_precision(device)
-    torch.manual_seed(cfg.seed)
-    raw_model = train_gpt2.build_model(cfg, None, print).to(device)
-    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type)
-    model = torch.compile(raw_model) if cfg.compile and device.type != "mps" else raw_model
+    d = dist_from_env()
+    s = train_gpt2.setup(cfg, d)  # what a training run builds: device, precision, model, optimizer, compile, DDP
+    cfg, raw_model, device = s.cfg, s.raw_model, s.device
     # one fixed set of random micro-batches: the step's cost does not depend on which tokens it sees
     g = torch.Generator().manual_seed(cfg.seed)
-    tokens = torch.randint(0, raw_model.config.vocab_size, (grad_accum_steps, cfg.batch_size, cfg.block_size + 1),
+    tokens = torch.randint(0, raw_model.config.vocab_size, (s.grad_accum_steps, cfg.batch_size, cfg.block_size + 1),
                            generator=g).to(device)
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
     times = []
     for step in range(bc.warmup + bc.steps):
         t0 = time.perf_counter()
-        loss, norm = train_gpt2.train_step(model, optimizer, batches, lr=cfg.max_lr, grad_clip=cfg.grad_clip,
-                                           device_type=device.type, autocast_dtype=autocast_dtype, ddp=False)
+        loss, norm = train_gpt2.train_step(s.train_model, s.optimizer, batches, lr=cfg.max_lr,
+                                           grad_clip=cfg.grad_clip, device_type=device.type,
+                                           autocast_dtype=s.autocast_dtype, ddp=d.ddp)
         loss = loss.item()  # waits for the device
         dt = time.perf_counter() - t0
         print(f"step {step:3d} | loss {loss:.4f} | {dt * 1000:.1f} ms{' (warm-up)' if step < bc.warmup else ''}",
@@ -76,8 +72,8 @@ def bench(cfg, bc):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "torch": torch.__version__,
         "params": raw_model.num_params(),
-        "batch": f"{cfg.batch_size}x{cfg.block_size}x{grad_accum_steps}",
-        "compile": model is not raw_model,
+        "batch": f"{cfg.batch_size}x{cfg.block_size}x{s.grad_accum_steps}",
+        "compile": s.model is not raw_model,
         "ms_per_step": ms,
         "tokens_per_sec": tokens_per_sec,
         "mfu": raw_model.flops_per_token(cfg.block_size) * tokens_per_sec / peak if peak else None,
@@ -92,11 +88,11 @@ def main(argv=None):
         return 0
     mine, theirs = split_args(argv)
     try:
-        bc = train_gpt2.parse_args(mine, BenchConfig)
+        bc = parse_args(mine, BenchConfig)
         if bc.steps < 1 or bc.warmup < 0:
-            raise train_gpt2.ConfigError(f"need --steps >= 1 and --warmup >= 0, got {bc.steps} and {bc.warmup}")
-        r = bench(train_gpt2.parse_args(theirs), bc)
-    except train_gpt2.ConfigError as e:
+            raise ConfigError(f"need --steps >= 1 and --warmup >= 0, got {bc.steps} and {bc.warmup}")
+        r = bench(parse_args(theirs, train_gpt2.TrainConfig), bc)
+    except ConfigError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

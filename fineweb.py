@@ -319,6 +319,11 @@ def shard_filename(index):
     return f"{SHARD_PREFIX}_{split}_{index:06d}.npy"
 
 
+def shard_pattern(split):
+    """The glob that finds one split's shards (train_gpt2.py reads them with it)."""
+    return f"{SHARD_PREFIX}_{split}_*.npy"
+
+
 def save_atomic(path, write):
     """write(f) into a temporary file next to path, fsync, then rename: path is never seen half-written.
     (The fsync makes "renamed" imply "on disk" even across a power cut, at ~10 ms per file.)"""

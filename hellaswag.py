@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 import urllib.request
 
@@ -33,7 +32,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, default_device
+from checkpoints import atomic_write, load_model
+from runtime import ConfigError, autocast, get_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
@@ -73,13 +73,12 @@ class HellaSwagResult:
 # data: download, parse, validate
 
 def download(url, path, chunk_size=1 << 20):
-    """Fetch url into path atomically: the bytes go to a temporary file in the same directory, renamed into place
-    only once complete, so an interrupted download never leaves a truncated file under the real name."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+    """Fetch url into path atomically (checkpoints.atomic_write): an interrupted download never leaves a truncated
+    file under the real name."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(f):
+        with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
             with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024,
                       desc=f"downloading {os.path.basename(path)}") as bar:
@@ -88,14 +87,13 @@ def download(url, path, chunk_size=1 << 20):
                     bar.update(len(chunk))
             if total and f.tell() != total:
                 raise OSError(f"got {f.tell()} of {total} bytes")
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, a cut, a bad URL
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download {url}: {reason}; "
                              f"pass --data FILE with a local copy of {os.path.basename(path)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def fetch(url, cache_dir):
@@ -277,7 +275,7 @@ def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, ran
         T = bucket(int(lengths[start]), pad_multiple, block_size)  # rows are sorted: the first is the longest
         # the most scored tokens of a row in this batch, rounded up (at most the width of cols)
         E = bucket(int(n_scored[start:end].max()), SCORED_MULTIPLE, cols.size(1))
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device.type, autocast_dtype):
             logits, _ = model(tokens[start:end, :T], positions=cols[start:end, :E])  # (batch_rows, E, V)
         # the softmax over the tokenizer's n_vocab ids (a model with a padded vocabulary, 50304, has extra logits
         # that are no tokens), in float32
@@ -302,61 +300,6 @@ def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, ran
 # -----------------------------------------------------------------------------
 # command line
 
-def load_model(name_or_path, device):
-    """A GPT from a train_gpt2.py checkpoint (.pt: {"model": state_dict, "config": GPTConfig fields}) or, for anything
-    else, GPT.from_pretrained (a hub id or a local transformers directory). Raises HellaSwagError."""
-    if os.path.isfile(name_or_path):
-        try:
-            checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle, zip or weights_only errors: one line, not their traceback
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise HellaSwagError(f"{name_or_path}: not a train_gpt2.py checkpoint: {first_line}") from None
-        if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-            raise HellaSwagError(f"{name_or_path}: not a train_gpt2.py checkpoint (expected 'model' and 'config')")
-        try:
-            model = GPT(GPTConfig.from_dict(checkpoint["config"]))
-        except (TypeError, ValueError, AttributeError) as e:
-            raise HellaSwagError(f"{name_or_path}: bad 'config': {e}") from None
-        problem = state_dict_mismatch(model.state_dict(), checkpoint["model"])
-        if problem:
-            raise HellaSwagError(f"{name_or_path}: 'model' does not match its 'config': {problem}")
-        model.load_state_dict(checkpoint["model"])
-    else:
-        try:
-            model = GPT.from_pretrained(name_or_path)
-        except (ValueError, OSError) as e:
-            raise HellaSwagError(str(e)) from None
-    return model.to(device)
-
-
-def state_dict_mismatch(expected, found):
-    """One line on how the state dict `found` differs from `expected` (missing, unexpected, misshapen), or ""."""
-    if not isinstance(found, dict):
-        return f"expected a state dict, got {type(found).__name__}"
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshapen = [f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(v.shape)}"
-                 for k, v in expected.items() if k in found and getattr(found[k], "shape", None) != v.shape]
-    problems = [f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else "",
-                f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else "",
-                f"{len(misshapen)} of other shapes (e.g. {misshapen[0]})" if misshapen else ""]
-    return ", ".join(p for p in problems if p)
-
-
-def parse_device(name):
-    """torch.device(name), checked to exist here (else a deep error at the first .to(device)). Raises HellaSwagError."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise HellaSwagError(f"--device {name}: {str(e).splitlines()[0]}") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)
-    if not available():
-        raise HellaSwagError(f"--device {name}: not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise HellaSwagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -378,16 +321,16 @@ def main(argv=None):
                         help="autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere (the reference is fp32/tf32)")
     args = parser.parse_args(argv)
     try:
-        device = parse_device(args.device or default_device())
-    except HellaSwagError as e:
+        device = get_device(args.device or "auto")
+    except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     # the reference numbers were measured with TF32 matmuls; bf16 autocast covers the matmuls anyway
     torch.set_float32_matmul_precision("high")
     try:
         examples = load_examples(args.data, limit=args.limit)
-        model = load_model(args.model, device)
-    except HellaSwagError as e:
+        model = load_model(args.model).to(device)
+    except (HellaSwagError, ConfigError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     model.eval()
     print(f"{args.model}: {model.num_params():,} parameters, {len(examples)} examples, {device}, {dtype}")

@@ -19,6 +19,14 @@ from torch.nn import functional as F
 
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary; training pads it to 50304 (a multiple of 128) for speed
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# What OpenAI's models score on this project's two evals: the numbers a GPT-2 (124M) reproduction is judged by
+# (train_gpt2.py prints them next to its evals, plot.py draws them).
+# GPT-2 124M: OpenAI's checkpoint evaluated on FineWeb-Edu's val shard (val loss) and HellaSwag's 10,042 validation
+# examples (acc_norm); GPT-3 small (124M): HellaSwag zero-shot acc from the GPT-3 paper (Brown et al. 2020).
+REFERENCES = {
+    "gpt2": {"label": "OpenAI GPT-2 124M", "val": 3.2924, "hella": 0.2955},
+    "gpt3": {"label": "OpenAI GPT-3 124M", "hella": 0.337},
+}
 
 
 @dataclass
@@ -308,39 +316,3 @@ def _check_hf_dir(path):
 
 def _is_conv1d_weight(name):
     return name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
-
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name;
-# the first match wins, so the more specific names come first.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-)
-
-
-def default_device():
-    """The device to run on when none is named: cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def peak_flops(device):
-    """The bf16 dense peak FLOP/s of a torch.device, or None where it is unknown (CPU, MPS, an unlisted GPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)

@@ -3,7 +3,7 @@ r"""Train GPT-2 (124M) on FineWeb-Edu 10B on 1 to N GPUs, the GPT-3 small recipe
     python fineweb.py                                          # once: tokenize FineWeb-Edu into edu_fineweb10B/
     python train_gpt2.py                                       # one GPU (or mps / cpu)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # 8 GPUs on one node
-    python train_gpt2.py --n_layer=4 --n_head=4 --n_embd=64 --block_size=64 --batch_size=16 \
+    python train_gpt2.py --data_dir=my_shards --n_layer=4 --n_head=4 --n_embd=64 --block_size=64 --batch_size=16 \
         --total_batch_size=1024 --max_steps=400 --val_tokens=16384 --compile=false   # laptop size (CPU, mps)
 
 Every default below is an option: `--name=value`. Stop it any time (Ctrl-C, kill -9, a lost node) and run the same
@@ -15,11 +15,9 @@ import contextlib
 import dataclasses
 import glob
 import importlib.util
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 from bisect import bisect_right
@@ -32,117 +30,72 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from model import GPT, GPT2_VOCAB_SIZE, GPTConfig, default_device, peak_flops
-from plot import REFERENCES
+from checkpoints import (append_log, checkpoint_path, compare_configs, find_checkpoint, list_checkpoints,
+                         load_optimizer_state, model_from_checkpoint, prepare_log_dir, prune_checkpoints,
+                         save_checkpoint, set_rng_state)
+from fineweb import shard_pattern
+from model import GPT, GPT2_VOCAB_SIZE, REFERENCES, GPTConfig
+from runtime import (ConfigError, autocast, dist_from_env, get_device, init_distributed, option, parse_args,
+                     peak_flops, setup_precision, usage)
 
 
 @dataclass
 class TrainConfig:
-    # data and output
-    # edufineweb_{train,val}_NNNNNN.npy token shards: by default where fineweb.py writes them, next to this script
-    data_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B")
-    log_dir: str = "log"  # log.txt, config.json and checkpoints model_NNNNN.pt
-    # model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = 393 * 128, a friendlier size for the GPU
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50304
-    block_size: int = 1024  # sequence length T
-    init_from: str = "scratch"  # "scratch", or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers directory
-    # batch: total_batch_size tokens per optimizer step = batch_size * block_size * processes * grad_accum_steps
-    batch_size: int = 64  # micro-batch per process, in sequences
-    total_batch_size: int = 524288  # 2**19 tokens, GPT-3 small's 0.5M batch
-    # optimizer: AdamW, linear warmup then cosine decay to min_lr at max_steps (GPT-3 small's schedule)
-    max_lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 715  # GPT-3 warms up over 375M tokens: 375e6 / 2**19
-    max_steps: int = 19073  # 10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    # evaluation and checkpoints, every N steps and at the last step (0: never; the final checkpoint is always saved)
-    val_every: int = 250
-    val_tokens: int = 10485760  # validation tokens from the val shard, whatever the number of processes (160 x 64K)
-    hellaswag_every: int = 250
-    hellaswag_data: str = ""  # a local hellaswag_val.jsonl, or "" to download it once
-    hellaswag_limit: int = 0  # score the first N examples only (0: all 10,042)
-    sample_every: int = 250
-    sample_prompt: str = "Hello, I'm a language model,"
-    num_samples: int = 4
-    sample_length: int = 32  # new tokens per sample
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3  # the newest N checkpoints are kept (0: all)
-    resume: str = "auto"  # "auto": the newest checkpoint in log_dir if any; a checkpoint path; "": a fresh run
-    # system
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    compile: bool = True  # torch.compile the model (cuda and cpu; ignored on mps)
-    seed: int = 1337
-    wandb_log: bool = False
-    wandb_project: str = "gpt2-fineweb-edu"
-    wandb_run_name: str = ""
+    data_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B"),
+                           "edufineweb_{train,val}_NNNNNN.npy token shards: by default where fineweb.py writes them, "
+                           "next to this script", section="data and output")
+    log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
+    n_layer: int = option(12, "", section="model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = "
+                                          "393 * 128, a friendlier size for the GPU")
+    n_head: int = option(12, "")
+    n_embd: int = option(768, "")
+    vocab_size: int = option(50304, "")
+    block_size: int = option(1024, "sequence length T")
+    init_from: str = option("scratch", "\"scratch\", or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers "
+                                       "directory")
+    batch_size: int = option(64, "micro-batch per process, in sequences",
+                             section="batch: total_batch_size tokens per optimizer step = batch_size * block_size * "
+                                     "processes * grad_accum_steps")
+    total_batch_size: int = option(524288, "2**19 tokens, GPT-3 small's 0.5M batch")
+    max_lr: float = option(6e-4, "", section="optimizer: AdamW, linear warmup then cosine decay to min_lr at "
+                                             "max_steps (GPT-3 small's schedule)")
+    min_lr: float = option(6e-5, "")
+    warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
+    max_steps: int = option(19073, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
+    weight_decay: float = option(0.1, "")
+    beta1: float = option(0.9, "")
+    beta2: float = option(0.95, "")
+    eps: float = option(1e-8, "")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    val_every: int = option(250, "", section="evaluation and checkpoints, every N steps and at the last step (0: "
+                                             "never; the final checkpoint is always saved)")
+    val_tokens: int = option(10485760, "validation tokens from the val shard, whatever the number of processes "
+                                       "(160 x 64K)")
+    hellaswag_every: int = option(250, "")
+    hellaswag_data: str = option("", "a local hellaswag_val.jsonl, or \"\" to download it once")
+    hellaswag_limit: int = option(0, "score the first N examples only (0: all 10,042)")
+    sample_every: int = option(250, "")
+    sample_prompt: str = option("Hello, I'm a language model,", "")
+    num_samples: int = option(4, "")
+    sample_length: int = option(32, "new tokens per sample")
+    checkpoint_every: int = option(1000, "")
+    keep_checkpoints: int = option(3, "the newest N checkpoints are kept (0: all)")
+    resume: str = option("auto", "\"auto\": the newest checkpoint in log_dir if any; a checkpoint path; \"\": a fresh "
+                                 "run")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", section="system")
+    compile: bool = option(True, "torch.compile the model (cuda and cpu; ignored on mps)")
+    seed: int = option(1337, "")
+    wandb_log: bool = option(False, "")
+    wandb_project: str = option("gpt2-fineweb-edu", "")
+    wandb_run_name: str = option("", "")
 
 
-SHARD_GLOB = "edufineweb_{split}_*.npy"
-CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
-PARTIAL_RE = re.compile(r"^\.model_\d+\.pt\.tmp$")  # what a kill during a checkpoint save leaves behind
+# the TrainConfig fields that are the model's architecture (GPTConfig's), taken from the model on resume/init_from;
+# block_size stays the option: the training sequence length may be shorter than the model's positions
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)
+                if f.name in {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "block_size"]
 MAKE_SHARDS_HINT = "make them with `python fineweb.py`"
 ERROR_PREFIX = "train_gpt2.py: error:"
-
-
-class ConfigError(ValueError):
-    """A bad option, data directory or checkpoint; main() prints it as one line and exits with code 2."""
-
-    every_rank = False  # True for what only one rank may see (its own chunk of data): that rank reports it too
-
-
-# -----------------------------------------------------------------------------
-# configuration: defaults above, `--name=value` on the command line
-
-def parse_bool(text):
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise ValueError("expected true/false/1/0")
-
-
-def parse_args(argv, config_class=TrainConfig):
-    """A config_class (a dataclass of bool/int/float/str fields) from `--name=value` arguments, each converted to the
-    field's type; the fields not given keep their defaults."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"expected --name=value, got {arg!r} (see --help)")
-        name, text = arg[2:].split("=", 1)
-        if name not in fields:
-            raise ConfigError(f"unknown option --{name} (see --help for the options)")
-        kind = fields[name].type
-        try:
-            overrides[name] = parse_bool(text) if kind is bool else kind(text)
-        except ValueError as e:
-            detail = str(e) if kind is bool else f"expected {kind.__name__}"
-            raise ConfigError(f"--{name}={text}: {detail}") from None
-    return config_class(**overrides)
-
-
-def usage(config_class=TrainConfig):
-    """--help: the docstring, then every option with its default, type and comment, under the section comments of
-    config_class (its source is the one place the options are described)."""
-    lines = [__doc__.strip(), "", "options (--name=value), the defaults at the top of train_gpt2.py:"]
-    defaults = {f.name: f for f in dataclasses.fields(config_class)}
-    for line in inspect.getsource(config_class).splitlines():
-        code, _, comment = line.strip().partition("# ")
-        name = code.split(":", 1)[0]
-        if not code:  # a section comment
-            lines.append(f"  {comment}" if comment else "")
-        elif name in defaults:
-            f = defaults[name]
-            lines.append(f"    --{name}={f.default!r} ({f.type.__name__})" + (f"  {comment}" if comment else ""))
-    return "\n".join(lines)
 
 
 def check_config(cfg, world_size):
@@ -206,7 +159,7 @@ class TokenStream:
     the data starts over at the first token (a second epoch) without a seam."""
 
     def __init__(self, data_dir, split):
-        pattern = SHARD_GLOB.format(split=split)
+        pattern = shard_pattern(split)
         if not os.path.isdir(data_dir):
             raise ConfigError(f"data_dir {data_dir}: no such directory (expected {pattern} token shards; "
                               f"{MAKE_SHARDS_HINT})")
@@ -305,22 +258,6 @@ class TrainLoader:
 # -----------------------------------------------------------------------------
 # one optimizer step, and the evaluations
 
-def setup_precision(device):
-    """The recipe's precision: TF32 matmuls and bf16 autocast on CUDA (returns torch.bfloat16); plain fp32 on cpu and
-    mps (returns None), where it is exact and reproducible."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-    return None
-
-
-def autocast_context(device_type, autocast_dtype):
-    if autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=autocast_dtype)
-
-
 def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp):
     """One optimizer step over the micro-batches [(x, y), ...] (each (B, T) on the model's device).
 
@@ -336,7 +273,7 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
         # so skip their communication and sync once, on the last micro-step, with the summed gradients
         last = micro_step == grad_accum_steps - 1
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
-            with autocast_context(device_type, autocast_dtype):
+            with autocast(device_type, autocast_dtype):
                 _, loss = model(x, y)
             # The loss is the mean over one micro-batch's B*T tokens, and backward() adds each micro-step's
             # gradient to .grad. The sum of grad_accum_steps means is grad_accum_steps times too large: dividing
@@ -364,7 +301,7 @@ def evaluate_loss(model, stream, *, n_chunks, B, T, vocab_size, device, autocast
     totals = torch.zeros(2, device=device)  # sum of chunk losses, number of chunks
     for i in range(rank, n_chunks, world_size):
         x, y = make_batch(stream, i * B * T, B, T, vocab_size, device)
-        with autocast_context(device.type, autocast_dtype):
+        with autocast(device.type, autocast_dtype):
             _, loss = model(x, y)
         totals[0] += loss.float()
         totals[1] += 1
@@ -380,194 +317,47 @@ def sample(model, enc, *, prompt, num_samples, length, seed, device, autocast_dt
     idx = torch.tensor([enc.encode_ordinary(prompt)] * num_samples, dtype=torch.long, device=device)
     # a CPU generator: model.generate draws on the generator's device, so one kind serves cuda, mps and cpu
     generator = torch.Generator().manual_seed(seed)
-    with autocast_context(device.type, autocast_dtype):
+    with autocast(device.type, autocast_dtype):
         out = model.generate(idx, length, top_k=50, generator=generator)
     return [enc.decode(row) for row in out.tolist()]
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and the log
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file next to path, then rename it into place: a kill at any moment leaves
-    either the old file or the complete new one, never a half-written file under the real name."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # persist the rename itself (the directory entry); best effort where directories can't be opened
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def list_checkpoints(log_dir):
-    """[(step, path)] of the checkpoints in log_dir, oldest first."""
-    if not os.path.isdir(log_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(log_dir, name))
-             for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name))]
-    return sorted(found)
-
-
-def rng_state(device):
-    """The torch RNG states as tensors (loadable with weights_only=True). Training draws no random numbers (no
-    dropout, and sampling has its own generator); they are saved so that a model with randomness resumes exactly."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def save_checkpoint(path, *, raw_model, optimizer, step, loader, cfg, device):
-    checkpoint = {
-        "model": raw_model.state_dict(),  # the plain module: no "module." (DDP) or "_orig_mod." (compile) prefixes
-        "optimizer": optimizer.state_dict(),
-        "step": step,  # optimizer steps done: the run continues with step `step`
-        "loader": loader.state_dict(),
-        "rng": rng_state(device),
-        "config": dataclasses.asdict(raw_model.config),  # GPTConfig: what hellaswag.py --model needs to rebuild it
-        "train_config": dataclasses.asdict(cfg),
-    }
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_checkpoint(path):
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing file, not a zip/pickle, a foreign object: one line, not their traceback
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{path}: cannot load the checkpoint: {first_line}") from None
-    keys = {"model", "optimizer", "step", "loader", "rng", "config", "train_config"}
-    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
-        raise ConfigError(f"{path}: not a train_gpt2.py checkpoint (expected the keys {', '.join(sorted(keys))})")
-    return checkpoint
-
-
-def read_log_lines(path, before_step):
-    """The complete lines of a log whose step is < before_step (a line cut off by a kill has no newline)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")[:-1]  # the last element is "" or an unfinished line
-    kept = []
-    for line in lines:
-        first = line.split(" ", 1)[0]
-        if first.isdigit() and int(first) < before_step:
-            kept.append(line + "\n")
-    return kept
-
-
-def compare_configs(saved, current):
-    """The options that differ from the checkpoint's, as 'name: old -> new' (resume and paths aside)."""
-    ignore = {"resume", "log_dir", "data_dir", "hellaswag_data"}
-    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
-            if k not in ignore and k in saved and saved[k] != v]
-
-
-# -----------------------------------------------------------------------------
-# the run
+# setup: device, precision, model, optimizer, compile, DDP (bench.py builds its step with the same function)
 
 @dataclass
-class Dist:
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def master(self):
-        return self.rank == 0  # rank 0 alone prints and writes files; every rank computes
-
-
-def dist_from_env():
-    """Ranks from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process without it."""
-    if "RANK" not in os.environ:
-        return Dist(ddp=False, rank=0, local_rank=0, world_size=1)
-    return Dist(ddp=True, rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
-                world_size=int(os.environ["WORLD_SIZE"]))
-
-
-def pick_device(name, d):
-    if name == "auto":
-        name = default_device()
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device=mps but MPS is not available")
-    if name == "mps" and d.ddp:
-        raise ConfigError("distributed training needs cuda (NCCL) or cpu (gloo), not mps")
-    if name == "cuda":
-        return torch.device("cuda", d.local_rank)
-    return torch.device(name)
+class Setup:
+    cfg: TrainConfig  # the options in force: the architecture is the model's own after a resume or init_from
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA, None (fp32) elsewhere
+    grad_accum_steps: int
+    raw_model: GPT  # the plain module: checkpoints and sampling
+    model: torch.nn.Module  # raw_model, maybe compiled: the evals
+    train_model: torch.nn.Module  # model, DDP-wrapped in a distributed run: the train step
+    optimizer: torch.optim.Optimizer
 
 
 def build_model(cfg, checkpoint, log):
-    """The GPT to train: the checkpoint's architecture on resume, GPT-2 weights for init_from, else a fresh init."""
+    """(the GPT to train, the options in force): the checkpoint's model on resume, GPT-2 weights for init_from (whose
+    architecture replaces the options'), else a fresh init of the options' architecture."""
     if checkpoint is not None:
-        try:
-            model_config = GPTConfig.from_dict(checkpoint["config"])
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"the checkpoint's model config is unusable: {e}") from None
+        model = model_from_checkpoint(checkpoint)
         if cfg.init_from == "scratch":
-            asked = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
-            differ = [f"{k}={v} (checkpoint: {getattr(model_config, k)})" for k, v in asked.items()
-                      if getattr(model_config, k) != v]
+            differ = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(model.config, k)})" for k in MODEL_FIELDS
+                      if getattr(model.config, k) != getattr(cfg, k)]
             if differ:
                 raise ConfigError(f"the checkpoint's model differs from the options: {', '.join(differ)}")
-        model = GPT(model_config)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:  # missing / unexpected / misshapen tensors
-            raise ConfigError(f"the checkpoint's weights don't fit its config: {str(e).splitlines()[0]}") from None
-        return model
-    if cfg.init_from == "scratch":
-        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd))
-    try:
-        model = GPT.from_pretrained(cfg.init_from)
-    except ValueError as e:
-        raise ConfigError(f"--init_from={cfg.init_from}: {e}") from None
-    log(f"init_from={cfg.init_from}: the model's own architecture replaces n_layer/n_head/n_embd/vocab_size")
-    return model
-
-
-def find_checkpoint(cfg):
-    """(path, checkpoint) to resume from, or (None, None) for a fresh run: resume=auto takes the newest checkpoint
-    of log_dir (a fresh run if there is none), a path takes that one, "" refuses a log_dir that holds checkpoints."""
-    existing = list_checkpoints(cfg.log_dir)
-    if cfg.resume == "auto":
-        path = existing[-1][1] if existing else None
-    elif cfg.resume:
-        path = cfg.resume
-    elif existing:
-        raise ConfigError(f"log_dir {cfg.log_dir} already holds checkpoints ({os.path.basename(existing[-1][1])}): "
-                          "continue with --resume=auto, or pick another --log_dir")
+    elif cfg.init_from == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS}))
     else:
-        path = None
-    if path is None:
-        return None, None
-    checkpoint = load_checkpoint(path)
-    if any(step > checkpoint["step"] for step, _ in existing):
-        raise ConfigError(f"log_dir {cfg.log_dir} holds checkpoints newer than step {checkpoint['step']} of {path}: "
-                          "move them away or pick another --log_dir (a resumed run would mix two histories)")
-    return path, checkpoint
+        try:
+            model = GPT.from_pretrained(cfg.init_from)
+        except ValueError as e:
+            raise ConfigError(f"--init_from={cfg.init_from}: {e}") from None
+        log(f"init_from={cfg.init_from}: the model's own architecture replaces {'/'.join(MODEL_FIELDS)}")
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size {cfg.block_size} > the model's {model.config.block_size} positions")
+    return model, dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
 
 
 def check_same_step(start_step, device):
@@ -579,6 +369,39 @@ def check_same_step(start_step, device):
         raise ConfigError(f"the ranks found different checkpoints to resume (steps {-steps[1].item()} to "
                           f"{steps[0].item()}): log_dir must be one directory that every node shares")
 
+
+def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
+    """Everything a training step needs, for the ranks d: the device (the local rank's GPU) and its precision, the
+    process group, the model (from checkpoint, read from checkpoint_path, with its optimizer state, if given), the
+    optimizer, torch.compile and the DDP wrapper. Raises ConfigError."""
+    grad_accum_steps = check_config(cfg, d.world_size)
+    device = get_device(cfg.device, d)
+    init_distributed(d, device)
+    if d.ddp:
+        check_same_step(checkpoint["step"] if checkpoint else 0, device)
+    autocast_dtype = setup_precision(device)
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    try:
+        raw_model, cfg = build_model(cfg, checkpoint, log)
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint_path}: {e}" if checkpoint else str(e)) from None
+    raw_model.to(device)
+    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
+                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type,
+                                               verbose=d.master)
+    if checkpoint is not None:
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
+    use_compile = cfg.compile and device.type != "mps"
+    if cfg.compile and not use_compile:
+        log("note: torch.compile is not used on mps")
+    model = torch.compile(raw_model) if use_compile else raw_model
+    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.ddp else model
+    return Setup(cfg=cfg, device=device, autocast_dtype=autocast_dtype, grad_accum_steps=grad_accum_steps,
+                 raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer)
+
+
+# -----------------------------------------------------------------------------
+# the run
 
 def open_data(cfg):
     """(train stream, val stream or None, HellaSwag examples): everything a run reads, checked before it starts.
@@ -602,22 +425,6 @@ def open_data(cfg):
     return train_stream, val_stream, examples
 
 
-def prepare_log_dir(log_dir, start_step, resolved):
-    """Create log_dir, drop half-written checkpoints, write config.json, and cut log.txt back to the lines before
-    start_step (a resumed run redoes everything from start_step on, that step's evals included: no duplicates).
-    Returns the path of log.txt."""
-    os.makedirs(log_dir, exist_ok=True)
-    for name in os.listdir(log_dir):  # what a kill during a save left (as large as a whole checkpoint)
-        if PARTIAL_RE.match(name):
-            os.remove(os.path.join(log_dir, name))
-    text = json.dumps(resolved, indent=2) + "\n"
-    atomic_write(os.path.join(log_dir, "config.json"), lambda f: f.write(text.encode()))
-    log_path = os.path.join(log_dir, "log.txt")
-    kept = read_log_lines(log_path, start_step)
-    atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
-    return log_path
-
-
 def format_ms(seconds):
     return f"{seconds * 1000:.1f} ms"
 
@@ -627,79 +434,44 @@ def format_mfu(flops_per_token, tokens_per_sec, peak, world_size):
     return f"{flops_per_token * tokens_per_sec / (peak * world_size):.1%}" if peak else "n/a"
 
 
+def due(step, every, last):
+    """Whether a periodic task (every N steps, 0: never) runs at step: at its multiples and at the last step."""
+    return every > 0 and (step % every == 0 or last)
+
+
 def run(cfg, d):
     """Train with cfg on this process's share of the ranks d; returns the exit code."""
-    grad_accum_steps = check_config(cfg, d.world_size)
-    device = pick_device(cfg.device, d)
-    if d.ddp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
-
     def log(message):
         if d.master:
             print(message, flush=True)
 
-    autocast_dtype = setup_precision(device)
-    use_compile = cfg.compile and device.type != "mps"
-    if cfg.compile and not use_compile:
-        log("note: torch.compile is not used on mps")
-
-    resume_path, checkpoint = find_checkpoint(cfg)
+    resume_path, checkpoint = find_checkpoint(cfg.log_dir, cfg.resume)
+    s = setup(cfg, d, checkpoint, resume_path, log)
+    cfg, device, raw_model = s.cfg, s.device, s.raw_model
     start_step = checkpoint["step"] if checkpoint else 0
-    if d.ddp:
-        check_same_step(start_step, device)
-    if checkpoint and start_step >= cfg.max_steps:
+    if start_step >= cfg.max_steps:
         log(f"{resume_path} is at step {start_step}, max_steps is {cfg.max_steps}: nothing to do")
         return 0
     train_stream, val_stream, examples = open_data(cfg)
-
-    # model and optimizer
-    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
-    try:
-        raw_model = build_model(cfg, checkpoint, log)
-    except ConfigError as e:
-        raise ConfigError(f"{resume_path}: {e}" if checkpoint else str(e)) from None
-    if cfg.init_from != "scratch":
-        mc = raw_model.config
-        cfg = dataclasses.replace(cfg, n_layer=mc.n_layer, n_head=mc.n_head, n_embd=mc.n_embd, vocab_size=mc.vocab_size)
-    if cfg.block_size > raw_model.config.block_size:
-        raise ConfigError(f"block_size {cfg.block_size} > the model's {raw_model.config.block_size} positions")
-    raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type,
-                                               verbose=d.master)
     loader = TrainLoader(train_stream, cfg.batch_size, cfg.block_size, d.rank, d.world_size, cfg.vocab_size, device)
     if checkpoint:
-        # load_state_dict would also restore the checkpoint's hyperparameters and flags (weight_decay, betas, eps,
-        # fused...): keep the ones just built from the current options and device, as "changed options" promises.
-        # Before loading, because `fused` decides where the `step` tensors go (the param's device for fused AdamW).
-        saved = checkpoint["optimizer"]
-        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
-            saved_group.update({k: v for k, v in group.items() if k != "params"})
-        optimizer.load_state_dict(saved)
         loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], device)
         changed = compare_configs(checkpoint["train_config"], dataclasses.asdict(cfg))
         log(f"resuming from {resume_path} at step {start_step}" +
             (f"; changed options: {'; '.join(changed)}" if changed else ""))
         del checkpoint  # the optimizer and model hold copies; free ~3x the model's size of host memory
-    # raw_model: the plain module (checkpoints, sampling); model: maybe compiled (evals); train_model: maybe DDP
-    model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.ddp else model
     enc = tiktoken.get_encoding("gpt2") if cfg.sample_every else None
 
     # log_dir: config.json, log.txt (cut back to the resumed step, then appended), checkpoints
-    log_path = os.path.join(cfg.log_dir, "log.txt")
+    log_path = None
     if d.master:
         resolved = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(raw_model.config),
-                    "world_size": d.world_size, "grad_accum_steps": grad_accum_steps, "device": str(device),
-                    "num_params": raw_model.num_params(), "compile": use_compile,
-                    "autocast_dtype": str(autocast_dtype) if autocast_dtype else "float32"}
+                    "world_size": d.world_size, "grad_accum_steps": s.grad_accum_steps, "device": str(device),
+                    "num_params": raw_model.num_params(), "compile": s.model is not raw_model,
+                    "autocast_dtype": str(s.autocast_dtype) if s.autocast_dtype else "float32"}
         print(json.dumps(resolved, indent=2))
-        prepare_log_dir(cfg.log_dir, start_step, resolved)
+        log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
     wandb = None
     if cfg.wandb_log and d.master:
         import wandb  # optional dependency, imported only when asked for
@@ -707,66 +479,61 @@ def run(cfg, d):
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
 
     def record(step, kind, value, fmt):
-        """One build-nanogpt log line (appended and flushed at once: a kill loses at most the line being written)."""
         if d.master:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(f"{step} {kind} {value:{fmt}}\n")
+            append_log(log_path, step, kind, value, fmt)
             if wandb:
                 wandb.log({kind: value}, step=step)
-
-    def due(step, every, last):
-        return every > 0 and (step % every == 0 or last)
 
     gpt2, gpt3 = REFERENCES["gpt2"], REFERENCES["gpt3"]
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
     peak = peak_flops(device)
-    tokens_per_micro_batch = cfg.batch_size * cfg.block_size
     step_times = []  # seconds of each train step of this process (evals and checkpoints excluded)
     log(f"total batch {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world_size} "
-        f"process(es) x {grad_accum_steps} micro-steps; {raw_model.num_params():,} parameters on {device}")
+        f"process(es) x {s.grad_accum_steps} micro-steps; {raw_model.num_params():,} parameters on {device}")
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
         # --- evaluations of the model as it is after `step` optimizer steps
-        if due(step, cfg.val_every, last) or due(step, cfg.hellaswag_every, last) or due(step, cfg.sample_every, last):
-            model.eval()
+        do_val, do_hella = due(step, cfg.val_every, last), due(step, cfg.hellaswag_every, last)
+        do_sample = due(step, cfg.sample_every, last)
+        if do_val or do_hella or do_sample:
+            s.model.eval()
             t0 = time.perf_counter()
-            if due(step, cfg.val_every, last):
-                val_loss = evaluate_loss(model, val_stream, n_chunks=cfg.val_tokens // tokens_per_micro_batch,
+            if do_val:
+                val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // (cfg.batch_size *
+                                                                                         cfg.block_size),
                                          B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size, device=device,
-                                         autocast_dtype=autocast_dtype, rank=d.rank, world_size=d.world_size)
+                                         autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size)
                 log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
                 record(step, "val", val_loss, ".4f")
-            if due(step, cfg.hellaswag_every, last):
-                result = hellaswag.evaluate(model, examples, device=device, autocast_dtype=autocast_dtype,
+            if do_hella:
+                result = hellaswag.evaluate(s.model, examples, device=device, autocast_dtype=s.autocast_dtype,
                                             rank=d.rank, world_size=d.world_size)
                 log(f"step {step:5d} | HellaSwag acc_norm {result.correct_norm}/{result.n} = {result.acc_norm:.4f} "
                     f"(GPT-2 124M: {gpt2['hella']}, GPT-3 124M: {gpt3['hella']})")
                 record(step, "hella", result.acc_norm, ".4f")
-            if due(step, cfg.sample_every, last) and d.master:
+            if do_sample and d.master:
                 for i, text in enumerate(sample(raw_model, enc, prompt=cfg.sample_prompt, num_samples=cfg.num_samples,
                                                 length=cfg.sample_length, seed=cfg.seed, device=device,
-                                                autocast_dtype=autocast_dtype)):
+                                                autocast_dtype=s.autocast_dtype)):
                     log(f"step {step:5d} | sample {i}: {text!r}")
-            model.train()
+            s.model.train()
             log(f"step {step:5d} | evals took {time.perf_counter() - t0:.1f} s")
-        # --- checkpoint (not at the step just resumed from: that checkpoint exists)
-        if step > start_step and (due(step, cfg.checkpoint_every, last) or last) and d.master:
-            path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-            save_checkpoint(path, raw_model=raw_model, optimizer=optimizer, step=step, loader=loader, cfg=cfg,
-                            device=device)
-            if cfg.keep_checkpoints:
-                for _, old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
-                    os.remove(old)
+        # --- checkpoint (not at the step just resumed from: that checkpoint exists); the last step's always
+        if step > start_step and (last or due(step, cfg.checkpoint_every, last)) and d.master:
+            path = checkpoint_path(cfg.log_dir, step)
+            save_checkpoint(path, raw_model=raw_model, optimizer=s.optimizer, step=step, loader=loader,
+                            train_config=dataclasses.asdict(cfg), device=device)
+            prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints)
             log(f"step {step:5d} | saved {path}")
         if last:
             break
         # --- one optimizer step
         t0 = time.perf_counter()
-        batches = [loader.next_batch() for _ in range(grad_accum_steps)]
+        batches = [loader.next_batch() for _ in range(s.grad_accum_steps)]
         lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                     max_steps=cfg.max_steps)
-        loss, grad_norm = train_step(train_model, optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                     device_type=device.type, autocast_dtype=autocast_dtype, ddp=d.ddp)
+        loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
+                                     device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp)
         loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
         dt = time.perf_counter() - t0
         step_times.append(dt)
@@ -800,11 +567,11 @@ def run(cfg, d):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(usage())
+        print(usage(__doc__, TrainConfig, "at the top of train_gpt2.py"))
         return 0
     d = dist_from_env()
     try:
-        return run(parse_args(argv), d)
+        return run(parse_args(argv, TrainConfig), d)
     except ConfigError as e:
         if d.master or e.every_rank:
             print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)

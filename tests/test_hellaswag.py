@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
 import hellaswag
 from conftest import ROOT
 from model import GPT, GPTConfig
@@ -209,7 +210,7 @@ def _distributed_worker(rank, world_size, init_file, checkpoint, url, cache_dir,
     try:
         torch.set_num_threads(1)
         examples = hellaswag.load_examples(cache_dir=cache_dir, url=url)  # rank 0 downloads, rank 1 waits
-        model = ShapeRecorder(hellaswag.load_model(checkpoint, "cpu").eval())
+        model = ShapeRecorder(checkpoints.load_model(checkpoint).eval())
         results = []
         for n in (len(examples), 1):  # 1 example: rank 1 has none, and runs a forward pass of dummy rows only
             model.shapes.clear()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, peak_flops
+from model import GPT, GPTConfig, GPT2_VOCAB_SIZE
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -210,7 +210,3 @@ def test_non_gpt2_activation_is_refused(tmp_path):
                                activation_function="relu")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function='relu'"):
         GPT.from_pretrained(str(tmp_path))
-
-
-def test_peak_flops_unknown_off_gpu():
-    assert peak_flops("cpu") is None

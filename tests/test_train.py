@@ -2,6 +2,7 @@
 order, a run's logs and checkpoints, bitwise resume after kill -9, DDP (gloo, 2 processes) == one process, errors."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -15,16 +16,21 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import plot
-from conftest import ROOT
+import checkpoints
+import runtime
 import train_gpt2
+from conftest import ROOT
 from model import GPT, GPTConfig
-from train_gpt2 import TokenStream, TrainLoader, get_lr, main, parse_args
+from train_gpt2 import TokenStream, TrainConfig, TrainLoader, get_lr, main
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 VOCAB = 256  # small vocabulary: fast steps (runs with sampling / HellaSwag use GPT-2's)
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PERIOD = 199  # the generated text repeats a permutation of PERIOD distinct tokens: each token predicts the next
+
+
+def parse_args(argv):
+    return runtime.parse_args(argv, TrainConfig)
 
 
 def write_shards(data_dir, train_sizes=(3000, 2100), val_size=2000, vocab=VOCAB, seed=0):
@@ -258,14 +264,12 @@ def test_tiny_run_learns_logs_and_checkpoints(data_dir, tmp_path, capsys):
     assert saved["grad_accum_steps"] == 2 and saved["train_config"]["n_embd"] == 32
     ckpt = load(os.path.join(log_dir, "model_00040.pt"))
     assert ckpt["step"] == 40 and ckpt["loader"]["position"] == 40 * 256
-    assert ckpt["config"] == {"block_size": 32, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                              "norm": "layernorm", "mlp": "gelu"}
+    assert ckpt["config"] == {**dataclasses.asdict(GPTConfig()), "block_size": 32, "vocab_size": VOCAB, "n_layer": 2,
+                              "n_head": 2, "n_embd": 32, "norm": "layernorm", "mlp": "gelu"}  # GPT-2's architecture
     assert ckpt["train_config"]["max_steps"] == 40
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     # hellaswag.py's --model rebuilds it from "model" and "config"
-    import hellaswag
-
-    model = hellaswag.load_model(os.path.join(log_dir, "model_00040.pt"), "cpu")
+    model = checkpoints.load_model(os.path.join(log_dir, "model_00040.pt"))
     assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
     # running again with resume=auto: already done
     assert main(tiny_args(data_dir, log_dir)) == 0
@@ -445,24 +449,3 @@ def test_compile_on_cpu_matches_eager(tmp_path, capsys):
         assert sorted(eager) == sorted(compiled)
         assert all(math.isclose(eager[s], compiled[s], abs_tol=1e-4) for s in eager)
     assert '"compile": true' in capsys.readouterr().out
-
-
-# -----------------------------------------------------------------------------
-# plot.py
-
-def test_plot_writes_png_and_rejects_bad_logs(tmp_path, capsys):
-    log = tmp_path / "log.txt"
-    lines = [f"{s} train {4 - s / 100:.6f}" for s in range(100)]
-    lines += [f"{s} val {4.1 - s / 100:.4f}" for s in (0, 50, 99)]
-    lines += [f"{s} hella {0.25 + s / 1000:.4f}" for s in (0, 99)]
-    log.write_text("\n".join(lines) + "\n99 tra")  # an unfinished last line, as a kill leaves it
-    assert plot.main([str(log), "-o", str(tmp_path / "p.png")]) == 0
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out = capsys.readouterr()
-    assert "val loss 3.1100 (GPT-2 124M: 3.2924)" in out.out and "unfinished last line" in out.err
-    series = plot.read_log(str(log))
-    assert series["val"] == ([0, 50, 99], [4.1, 3.6, 3.11])
-    log.write_text("0 train 1.0\n1 oops 2.0\n")
-    assert plot.main([str(log), "-o", str(tmp_path / "q.png")]) == 2
-    assert f"{log}:2: expected '<step> <train|val|hella> <value>'" in capsys.readouterr().err
-    assert not (tmp_path / "q.png").exists()

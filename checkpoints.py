@@ -1,0 +1,247 @@
+"""The run directory: atomic writes, checkpoints (save, load, find, prune), log.txt and config.json.
+
+    python -c "import checkpoints; print(checkpoints.list_checkpoints('log'))"
+
+train_gpt2.py writes a run directory (log_dir), hellaswag.py and bench.py read what it wrote. Every file here is
+written atomically: a kill at any moment leaves the old file or the complete new one, never half of one.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import zipfile
+
+import torch
+
+from model import GPT, GPTConfig
+from runtime import ConfigError
+
+CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
+PARTIAL_RE = re.compile(r"^\.model_\d+\.pt\.tmp$")  # what a kill during a checkpoint save leaves behind
+TRAIN_KEYS = ("model", "optimizer", "step", "loader", "rng", "config", "train_config")  # what a resume needs
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file (binary) next to path, then rename it into place: a kill at any moment
+    leaves either the old file or the complete new one, never a half-written file under the real name. The
+    temporary file is removed if write fails."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    # persist the rename itself (the directory entry); best effort where directories can't be opened
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: model_NNNNN.pt, a dict of plain tensors and config dicts (torch.load(weights_only=True) reads it)
+
+def checkpoint_path(log_dir, step):
+    return os.path.join(log_dir, f"model_{step:05d}.pt")
+
+
+def list_checkpoints(log_dir):
+    """[(step, path)] of the checkpoints in log_dir, oldest first."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(log_dir, name))
+             for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name))]
+    return sorted(found)
+
+
+def rng_state(device):
+    """The torch RNG states as tensors (loadable with weights_only=True). Training draws no random numbers (no
+    dropout, and sampling has its own generator); they are saved so that a model with randomness resumes exactly."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def save_checkpoint(path, *, raw_model, optimizer, step, loader, train_config, device):
+    """Everything an exact resume needs, written atomically. train_config: the options as a plain dict."""
+    checkpoint = {
+        "model": raw_model.state_dict(),  # the plain module: no "module." (DDP) or "_orig_mod." (compile) prefixes
+        "optimizer": optimizer.state_dict(),
+        "step": step,  # optimizer steps done: the run continues with step `step`
+        "loader": loader.state_dict(),
+        "rng": rng_state(device),
+        "config": dataclasses.asdict(raw_model.config),  # GPTConfig: what hellaswag.py --model needs to rebuild it
+        "train_config": train_config,
+    }
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def prune_checkpoints(log_dir, keep):
+    """Delete all but the newest `keep` checkpoints (keep 0: delete none)."""
+    if keep:
+        for _, old in list_checkpoints(log_dir)[:-keep]:
+            os.remove(old)
+
+
+def load_checkpoint(path, keys=TRAIN_KEYS, kind="train_gpt2.py checkpoint"):
+    """The dict torch.save wrote to path, with at least `keys`. Raises ConfigError naming the file and the problem."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else would get torch's advice to unpickle it unsafely
+        raise ConfigError(f"{path}: cannot load the checkpoint: it is not a {kind} (not a file torch.save wrote)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing file, a truncated zip, a foreign object: one line, not their traceback
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: cannot load the checkpoint: {first_line}") from None
+    if not isinstance(checkpoint, dict) or not set(keys) <= checkpoint.keys():
+        names = [repr(k) for k in keys]
+        raise ConfigError(f"{path}: not a {kind} (expected {', '.join(names[:-1])} and {names[-1]})")
+    return checkpoint
+
+
+def find_checkpoint(log_dir, resume):
+    """(path, checkpoint) to resume from, or (None, None) for a fresh run: resume "auto" takes the newest checkpoint
+    of log_dir (a fresh run if there is none), a path takes that one, "" refuses a log_dir that holds checkpoints."""
+    existing = list_checkpoints(log_dir)
+    if resume == "auto":
+        path = existing[-1][1] if existing else None
+    elif resume:
+        path = resume
+    elif existing:
+        raise ConfigError(f"log_dir {log_dir} already holds checkpoints ({os.path.basename(existing[-1][1])}): "
+                          "continue with --resume=auto, or pick another --log_dir")
+    else:
+        path = None
+    if path is None:
+        return None, None
+    checkpoint = load_checkpoint(path)
+    if any(step > checkpoint["step"] for step, _ in existing):
+        raise ConfigError(f"log_dir {log_dir} holds checkpoints newer than step {checkpoint['step']} of {path}: "
+                          "move them away or pick another --log_dir (a resumed run would mix two histories)")
+    return path, checkpoint
+
+
+def load_optimizer_state(optimizer, saved):
+    """Restore an optimizer's state (moments, step counts) but keep the hyperparameters and flags it was just built
+    with (lr, weight_decay, betas, eps, fused...): load_state_dict alone would bring back the checkpoint's, and a
+    resumed run must apply the options it is given. Merged before loading, because `fused` decides where the `step`
+    tensors go (the param's device for fused AdamW)."""
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
+        saved_group.update({k: v for k, v in group.items() if k != "params"})
+    optimizer.load_state_dict(saved)
+
+
+def compare_configs(saved, current):
+    """The options that differ from the checkpoint's, as 'name: old -> new' (resume and paths aside)."""
+    ignore = {"resume", "log_dir", "data_dir", "hellaswag_data"}
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
+            if k not in ignore and k in saved and saved[k] != v]
+
+
+# -----------------------------------------------------------------------------
+# a model from any of the places a GPT-2 can come from
+
+def model_from_checkpoint(checkpoint):
+    """The GPT a checkpoint's "config" and "model" describe. Raises ConfigError (the caller names the file)."""
+    try:
+        model = GPT(GPTConfig.from_dict(checkpoint["config"]))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"bad 'config': {e}") from None
+    problem = state_dict_mismatch(model.state_dict(), checkpoint["model"])
+    if problem:
+        raise ConfigError(f"'model' does not match its 'config': {problem}")
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def state_dict_mismatch(expected, found):
+    """One line on how the state dict `found` differs from `expected` (missing, unexpected, misshapen), or ""."""
+    if not isinstance(found, dict):
+        return f"expected a state dict, got {type(found).__name__}"
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshapen = [f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(v.shape)}"
+                 for k, v in expected.items() if k in found and getattr(found[k], "shape", None) != v.shape]
+    problems = [f"{len(missing)} missing tensors (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(misshapen)} of other shapes (e.g. {misshapen[0]})" if misshapen else ""]
+    return ", ".join(p for p in problems if p)
+
+
+def load_model(name_or_path):
+    """A GPT (on the CPU) from a train_gpt2.py checkpoint file (.pt), a local transformers GPT-2 directory or a hub id
+    (gpt2, gpt2-xl...). Raises ConfigError with one line naming the file and the problem."""
+    if os.path.isfile(name_or_path):
+        if os.path.basename(name_or_path) == "config.json" or name_or_path.endswith((".safetensors", ".bin")):
+            raise ConfigError(f"{name_or_path}: a file of a transformers model: pass its directory, "
+                              f"{os.path.dirname(name_or_path) or '.'}")
+        checkpoint = load_checkpoint(name_or_path, keys=("model", "config"))
+        try:
+            return model_from_checkpoint(checkpoint)
+        except ConfigError as e:
+            raise ConfigError(f"{name_or_path}: {e}") from None
+    try:
+        return GPT.from_pretrained(name_or_path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+
+
+# -----------------------------------------------------------------------------
+# the log and config.json
+
+def read_log_lines(path, before_step):
+    """The complete lines of a log whose step is < before_step (a line cut off by a kill has no newline)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")[:-1]  # the last element is "" or an unfinished line
+    kept = []
+    for line in lines:
+        first = line.split(" ", 1)[0]
+        if first.isdigit() and int(first) < before_step:
+            kept.append(line + "\n")
+    return kept
+
+
+def prepare_log_dir(log_dir, start_step, resolved):
+    """Create log_dir, drop half-written checkpoints, write config.json, and cut log.txt back to the lines before
+    start_step (a resumed run redoes everything from start_step on, that step's evals included: no duplicates).
+    Returns the path of log.txt."""
+    os.makedirs(log_dir, exist_ok=True)
+    for name in os.listdir(log_dir):  # what a kill during a save left (as large as a whole checkpoint)
+        if PARTIAL_RE.match(name):
+            os.remove(os.path.join(log_dir, name))
+    text = json.dumps(resolved, indent=2) + "\n"
+    atomic_write(os.path.join(log_dir, "config.json"), lambda f: f.write(text.encode()))
+    log_path = os.path.join(log_dir, "log.txt")
+    kept = read_log_lines(log_path, start_step)
+    atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
+    return log_path
+
+
+def append_log(log_path, step, kind, value, fmt):
+    """One build-nanogpt log line, `{step} {kind} {value}`, appended and flushed at once: a kill loses at most the
+    line being written (and a resume drops an unfinished line)."""
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(f"{step} {kind} {value:{fmt}}\n")

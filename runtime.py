@@ -1,0 +1,185 @@
+"""The process a script runs in: its options, its rank in a distributed run, its device and precision.
+
+    python -c "import runtime; print(runtime.get_device('auto'), runtime.peak_flops('cpu'))"
+
+train_gpt2.py, bench.py and hellaswag.py share these; model.py knows only the network, and checkpoints.py the files
+of a run directory.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class ConfigError(ValueError):
+    """What a user can fix (an option, a file, a setting): the scripts print it as one line and exit with code 2."""
+
+    every_rank = False  # True for what only one rank may see (its own chunk of data): that rank reports it too
+
+
+# -----------------------------------------------------------------------------
+# options: a dataclass whose fields are the `--name=value` options, each with its help text as metadata
+
+def option(default, help, section=None):
+    """A dataclass field with its --help text (and the title of the section it opens in --help)."""
+    return dataclasses.field(default=default, metadata={"help": help, "section": section})
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ValueError("expected true/false/1/0")
+
+
+def parse_args(argv, config_class):
+    """A config_class (a dataclass of bool/int/float/str fields) from `--name=value` arguments, each converted to the
+    field's type; the fields not given keep their defaults."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"expected --name=value, got {arg!r} (see --help)")
+        name, text = arg[2:].split("=", 1)
+        if name not in fields:
+            raise ConfigError(f"unknown option --{name} (see --help for the options)")
+        kind = fields[name].type
+        try:
+            overrides[name] = parse_bool(text) if kind is bool else kind(text)
+        except ValueError as e:
+            detail = str(e) if kind is bool else f"expected {kind.__name__}"
+            raise ConfigError(f"--{name}={text}: {detail}") from None
+    return config_class(**overrides)
+
+
+def usage(doc, config_class, where):
+    """--help: the script's docstring, then every option of config_class with its default, type and help, under the
+    section titles of its fields' metadata."""
+    lines = [doc.strip(), "", f"options (--name=value), the defaults {where}:"]
+    for f in dataclasses.fields(config_class):
+        if f.metadata.get("section"):
+            lines += ["", f"  {f.metadata['section']}"]
+        text = f.metadata.get("help", "")
+        lines.append(f"    --{f.name}={f.default!r} ({f.type.__name__})" + (f"  {text}" if text else ""))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# ranks: torchrun's environment, one process without it
+
+@dataclass
+class Dist:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self):
+        return self.rank == 0  # rank 0 alone prints and writes files; every rank computes
+
+
+def dist_from_env():
+    """Ranks from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process without it."""
+    if "RANK" not in os.environ:
+        return Dist(ddp=False, rank=0, local_rank=0, world_size=1)
+    return Dist(ddp=True, rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def init_distributed(d, device):
+    """Join the process group of a torchrun launch: NCCL between GPUs, gloo between CPU processes."""
+    if not d.ddp:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
+
+
+# -----------------------------------------------------------------------------
+# the device and its precision
+
+def default_device():
+    """The device to run on when none is named: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_device(name, d=None):
+    """The torch.device for a --device value ("auto" picks default_device()), checked to exist on this machine; in a
+    distributed run each process takes the GPU of its local rank. Raises ConfigError."""
+    name = default_device() if name == "auto" else name
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
+    if device.type not in available:
+        raise ConfigError(f"--device {name}: expected cuda, mps or cpu")
+    if not available[device.type]():
+        raise ConfigError(f"--device {name}: not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d is not None and d.ddp:
+        if device.type == "mps":
+            raise ConfigError("distributed training needs cuda (NCCL) or cpu (gloo), not mps")
+        if device.type == "cuda":
+            return torch.device("cuda", d.local_rank)
+    return device
+
+
+def setup_precision(device):
+    """The recipe's precision: TF32 matmuls and bf16 autocast on CUDA (returns torch.bfloat16); plain fp32 on cpu and
+    mps (returns None), where it is exact and reproducible."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+    return None
+
+
+def autocast(device_type, dtype):
+    """torch.autocast to dtype on device_type ("cuda", "cpu"...), a no-op when dtype is None (full precision)."""
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None)
+
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name;
+# the first match wins, so the more specific names come first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def peak_flops(device):
+    """The bf16 dense peak FLOP/s of a torch.device, or None where it is unknown (CPU, MPS, an unlisted GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name):
+    """The bf16 dense peak FLOP/s of a GPU by its name, or None for an unlisted one."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
