@@ -8,9 +8,11 @@ written atomically: a kill at any moment leaves the old file or the complete new
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
+import socket
 import zipfile
 
 import torch
@@ -120,26 +122,79 @@ def load_checkpoint(path, keys=TRAIN_KEYS, kind="train_gpt2.py checkpoint"):
     return checkpoint
 
 
-def find_checkpoint(log_dir, resume):
+def find_checkpoint(log_dir, resume, log=print):
     """(path, checkpoint) to resume from, or (None, None) for a fresh run: resume "auto" takes the newest checkpoint
-    of log_dir (a fresh run if there is none), a path takes that one, "" refuses a log_dir that holds checkpoints."""
+    of log_dir that loads (a fresh run if there is none; an unreadable one, e.g. truncated by a disk fault, is
+    reported and the one before it tried), a path takes that one, "" refuses a log_dir that holds checkpoints."""
     existing = list_checkpoints(log_dir)
     if resume == "auto":
-        path = existing[-1][1] if existing else None
+        if not existing:
+            return None, None
+        unreadable = []
+        for step, path in reversed(existing):
+            try:
+                checkpoint = load_checkpoint(path)
+                break
+            except ConfigError as e:
+                log(f"warning: {e}")
+                unreadable.append(step)
+        else:
+            raise ConfigError(f"log_dir {log_dir}: none of its {len(existing)} checkpoints loads (see the warnings): "
+                              "move them away to start afresh, or pass --resume=PATH with a good copy")
+        if unreadable:
+            log(f"resuming from {path}, the newest checkpoint that loads; the unreadable newer ones will be "
+                "overwritten as the run passes their steps")
+        existing = [(step, p) for step, p in existing if step not in unreadable]
     elif resume:
         path = resume
+        checkpoint = load_checkpoint(path)
     elif existing:
         raise ConfigError(f"log_dir {log_dir} already holds checkpoints ({os.path.basename(existing[-1][1])}): "
                           "continue with --resume=auto, or pick another --log_dir")
     else:
-        path = None
-    if path is None:
         return None, None
-    checkpoint = load_checkpoint(path)
     if any(step > checkpoint["step"] for step, _ in existing):
         raise ConfigError(f"log_dir {log_dir} holds checkpoints newer than step {checkpoint['step']} of {path}: "
                           "move them away or pick another --log_dir (a resumed run would mix two histories)")
     return path, checkpoint
+
+
+@contextlib.contextmanager
+def locked_run_dir(log_dir):
+    """Create log_dir and hold a lock on it while the block runs: a second run into the same log_dir (which would
+    write every log line twice and overwrite the first run's checkpoints) is refused with a ConfigError naming the
+    process that holds it. The lock is the kernel's (flock on the directory itself, no lock file): it is released
+    when its process ends however it ends (kill -9, a lost node), so it is never stale. An uncreatable log_dir is a
+    ConfigError too, here, before any work; so is an unwritable one. On several nodes rank 0 alone takes it."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        if not os.access(log_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+        fd = os.open(log_dir, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"--log_dir {log_dir}: cannot create or write it ({e.strerror or e})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"log_dir {log_dir} is in use by another run ({lock_holder(fd)}); wait for it to end, "
+                              "or pick another --log_dir") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_holder(fd):
+    """'pid N' of the process holding the flock on fd's file, from Linux's /proc/locks; a description elsewhere."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError):
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146373 0 EOF"
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where:
+                    return f"pid {fields[4]} on {socket.gethostname()}"
+    return "a process on this or another machine"
 
 
 def load_optimizer_state(optimizer, saved):

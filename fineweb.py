@@ -6,14 +6,16 @@ FineWeb-Edu (or any text dataset) -> pretokenized GPT-2 shards for train_gpt2.py
     python fineweb.py --input a.jsonl b.parquet c.txt --output_dir my_shards
 
 Each document becomes [<|endoftext|>] + encode_ordinary(text) (GPT-2 BPE, eot id 50256), and the token stream is cut
-into uint16 .npy shards of --shard_size tokens (np.save): edufineweb_val_000000.npy, then edufineweb_train_000001.npy,
-... (build-nanogpt's layout). Shards are written to a temporary name and renamed when complete, and a manifest in the
-output directory records the run and where each complete shard ended, so a killed run continues where it stopped
-when the same command is run again, and the result is identical to an uninterrupted run.
+into uint16 .npy shards (np.save): edufineweb_val_000000.npy holds the first --val_size tokens (default: --shard_size),
+then edufineweb_train_000001.npy, ... of --shard_size tokens each (build-nanogpt's layout). Shards are written to a
+temporary name and renamed when complete, and a manifest in the output directory records the run and where each
+complete shard ended, so a killed run continues where it stopped when the same command is run again, and the result
+is identical to an uninterrupted run.
 """
 
 import argparse
 import contextlib
+import http.client
 import itertools
 import json
 import multiprocessing as mp
@@ -22,6 +24,8 @@ import re
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 
 import numpy as np
@@ -41,6 +45,14 @@ MANIFEST = "fineweb_manifest.json"
 # nor ".npy", so no shard loader picks it up, and a rerun deletes it.
 PARTIAL = ".fineweb-partial.tmp"
 MANIFEST_FORMAT = 1                   # bump when the meaning of the manifest or of the shards changes
+# train_gpt2.py's defaults, copied rather than imported (it imports torch, and every spawn worker re-imports this file):
+# --val_tokens 10,485,760 = 160 micro-batches of --batch_size 64 x --block_size 1024 tokens. The val shard must hold
+# val_tokens + 1 tokens (the targets are shifted by one).
+TRAIN_VAL_TOKENS = 10_485_760
+TRAIN_MICRO_BATCH = 64 * 1024
+# huggingface_hub retries a hub file it can neither reach nor find cached 5 times with backoff (1+2+4+8+8 s, two
+# warning lines each) before failing; one HEAD request with this timeout (seconds) tells us first that it is pointless.
+HUB_PROBE_TIMEOUT = 3
 BATCH_CHARS = 1 << 20                 # characters of text per task sent to a worker (~250k tokens)
 IN_FLIGHT = 2                         # tasks in flight per worker: keeps workers busy, bounds memory
 ROWS = 1024                           # rows per read from parquet / arrow
@@ -171,13 +183,38 @@ def hub_label(dataset, name):
     return f"{dataset} ({name})" if name else dataset
 
 
+def hub_unreachable():
+    """Why the Hugging Face hub cannot be reached ("" if it can): one HEAD request to its endpoint (HF_ENDPOINT and
+    the environment's proxies honoured) with a short timeout. (Twin: the probe in model.GPT.from_pretrained.)"""
+    from huggingface_hub import constants
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=HUB_PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return ""  # an HTTP answer, whatever its status: the hub is there
+    except (OSError, ValueError, http.client.HTTPException) as e:  # no DNS, refused, timeout, a bad HF_ENDPOINT
+        return f"no network ({constants.ENDPOINT} unreachable: {getattr(e, 'reason', e)})"
+    return ""
+
+
 def load_hub(dataset, name, streaming):
-    """The train split of a hub dataset, checked to have a text column and at least one document."""
+    """The train split of a hub dataset, checked to have a text column and at least one document.
+
+    Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or a hub that does not answer) only the local datasets cache can
+    serve it: datasets is put in offline mode, which fails at once instead of after ~25 s of retries."""
     import datasets
     label = hub_label(dataset, name)
+    offline = ""
+    if not os.path.exists(dataset):  # a local dataset folder needs no hub
+        offline = "offline mode (HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else hub_unreachable()
+        if offline:  # datasets reads this flag (set from the environment at import) at every call
+            datasets.config.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset(dataset, name=name, split=SPLIT, streaming=streaming)
     except Exception as e:  # hub/network/config errors come in many types: report any of them in one line
+        if offline:
+            raise DataError(f"{label}: cannot load: {offline} and not in the local datasets cache; "
+                            f"use --input with local files") from None
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"{label}: cannot load ({type(e).__name__}: {first_line})") from None
     if streaming:
@@ -281,13 +318,19 @@ def tokenize_texts(texts, num_proc, batch_chars=BATCH_CHARS, encoding_name=ENCOD
 # -----------------------------------------------------------------------------
 # cutting the token stream into shards
 
-def fill_shards(batches, shard_size, doc=0, offset=0):
-    """Cuts a stream of (tokens, lengths) batches, starting at document `doc`, into shards of shard_size tokens.
+def shard_sizes(val_size, shard_size, start=0):
+    """Sizes of shards start, start+1, ...: val_size for the val shard (index 0), shard_size for every train shard."""
+    return itertools.islice(itertools.chain([val_size], itertools.repeat(shard_size)), start, None)
+
+
+def fill_shards(batches, sizes, doc=0, offset=0):
+    """Cuts a stream of (tokens, lengths) batches, starting at document `doc`, into shards of next(sizes) tokens.
 
     Yields (shard tokens, end) for every full shard and then for the last, shorter one, where end = (d, o) is the
     position just past the shard: the next token is token o of document d (counting its eot). A document spans shards
     freely. The first `offset` tokens of document `doc` are dropped: they are already in the shards before
     (continuing a killed run)."""
+    shard_size = next(sizes)
     buf = np.empty(shard_size, dtype=np.uint16)
     fill = 0
     for tokens, lengths in batches:
@@ -305,6 +348,7 @@ def fill_shards(batches, shard_size, doc=0, offset=0):
             if fill == shard_size:
                 i = int(np.searchsorted(ends, pos, side="right"))  # first document of the batch not wholly written
                 yield buf, (doc + i, pos - (int(ends[i - 1]) if i else 0))
+                shard_size = next(sizes)
                 buf = np.empty(shard_size, dtype=np.uint16)
                 fill = 0
         doc += len(lengths)
@@ -358,7 +402,7 @@ def shard_is_complete(path, tokens):
 # -----------------------------------------------------------------------------
 # the run: what it is (identity), what is already done (manifest), and the work
 
-def run_identity(dataset, name, streaming, paths, shard_size):
+def run_identity(dataset, name, streaming, paths, shard_size, val_size):
     """Everything that decides the shards' content. A rerun continues only if this is unchanged; --num_proc and
     the batching do not change a byte of the output, so they are not part of it. Local files are identified by path,
     size and modification time (hashing tens of GB would cost more than it protects)."""
@@ -367,7 +411,62 @@ def run_identity(dataset, name, streaming, paths, shard_size):
                              "mtime_ns": os.stat(p).st_mtime_ns} for p in paths]}
     else:  # streaming is included: it should read the same rows in the same order, but nothing checks that here
         source = {"dataset": dataset, "name": name, "split": SPLIT, "streaming": streaming}
-    return {"format": MANIFEST_FORMAT, "encoding": ENCODING, "shard_size": shard_size, "source": source}
+    return {"format": MANIFEST_FORMAT, "encoding": ENCODING, "shard_size": shard_size, "val_size": val_size,
+            "source": source}
+
+
+def is_count(x, least=0):
+    """A JSON integer >= least (JSON true/false load as bool, which Python counts as int: not a count)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+
+def read_manifest(path):
+    """(identity, listed shards, complete) from a manifest file, every key and type used later checked: a damaged or
+    hand-edited manifest is one error line, not a KeyError somewhere further on."""
+    try:
+        with open(path, "rb") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    else:
+        problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: bad manifest: {problem}; delete {os.path.dirname(path)} "
+                        f"or choose another --output_dir")
+    identity = dict(manifest["identity"])
+    identity.setdefault("val_size", identity.get("shard_size"))  # written before --val_size: val = one shard_size
+    return identity, manifest["shards"], manifest["complete"]
+
+
+def manifest_problem(manifest):
+    """What is wrong with a loaded manifest ("" if nothing): the keys and types completed_shards and prepare use."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    missing = [k for k in ("identity", "shards", "complete") if k not in manifest]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)}"
+    if not isinstance(manifest["identity"], dict):
+        return '"identity" is not an object'
+    if not isinstance(manifest["shards"], list):
+        return '"shards" is not a list'
+    if not isinstance(manifest["complete"], bool):
+        return '"complete" is not true or false'
+    if manifest["complete"] and not manifest["shards"]:
+        return '"complete" with no shards'
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            return f"shard entry {i} is not an object"
+        missing = [k for k in ("file", "tokens", "end") if k not in entry]
+        if missing:
+            return f"shard entry {i} has no {', '.join(repr(k) for k in missing)}"
+        if not isinstance(entry["file"], str):
+            return f'shard entry {i}: "file" is not a string'
+        if not is_count(entry["tokens"], least=1):
+            return f'shard entry {i}: "tokens" is not a positive integer'
+        end = entry["end"]
+        if not (isinstance(end, list) and len(end) == 2 and all(map(is_count, end))):
+            return f'shard entry {i}: "end" is not [document, token] (two integers >= 0)'
+    return ""
 
 
 def completed_shards(out_dir, identity):
@@ -386,12 +485,7 @@ def completed_shards(out_dir, identity):
             raise DataError(f"{out_dir}: holds shards ({shards[0]}, ...) of a different run (no {MANIFEST}); "
                             f"delete them or choose another --output_dir")
         return [], False
-    try:
-        with open(manifest_path, "rb") as f:
-            manifest = json.load(f)
-        old_identity, listed, complete = dict(manifest["identity"]), manifest["shards"], manifest["complete"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    old_identity, listed, complete = read_manifest(manifest_path)
     if old_identity != identity:
         differ = ", ".join(k for k in identity if old_identity.get(k) != identity[k]) or "format"
         raise DataError(f"{out_dir}: holds shards of a different run ({differ} differ from this command's); "
@@ -412,7 +506,7 @@ def write_shards(texts, out_dir, identity, done, num_proc, num_docs=None, progre
     The manifest is written before the first shard and again after each shard is renamed into place, so at every
     moment every shard it lists is complete. num_docs, if known, is checked against the documents read.
     Returns the finished manifest."""
-    shard_size = identity["shard_size"]
+    sizes = shard_sizes(identity["val_size"], identity["shard_size"], start=len(done))
     doc, offset = done[-1]["end"] if done else (0, 0)
     manifest = {"identity": identity, "shards": list(done), "complete": False}
     os.makedirs(out_dir, exist_ok=True)
@@ -428,7 +522,7 @@ def write_shards(texts, out_dir, identity, done, num_proc, num_docs=None, progre
             yield tokens, lengths
 
     with contextlib.closing(tokenize_texts(texts, num_proc)) as batches:  # closing it stops the workers, even on error
-        shards = fill_shards(counted(batches), shard_size, doc, offset)
+        shards = fill_shards(counted(batches), sizes, doc, offset)
         for index, (tokens, end) in enumerate(shards, start=len(done)):
             name = shard_filename(index)
             save_atomic(os.path.join(out_dir, name), lambda f: np.save(f, tokens))
@@ -465,23 +559,55 @@ def parse_args(argv):
     p.add_argument("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_DIR),
                    help=f"where the shards go (default: {OUTPUT_DIR}/ next to this script)")
     p.add_argument("--shard_size", type=positive_int, default=SHARD_SIZE, help="tokens per shard")
+    p.add_argument("--val_size", type=positive_int, default=None,
+                   help="tokens of the val shard, the first of the stream (default: --shard_size)")
     p.add_argument("--num_proc", type=positive_int, default=default_num_proc(), help="tokenizer processes")
     args = p.parse_args(argv)
     if args.input and (args.name is not None or args.streaming):
         p.error("--name and --streaming apply to a hub --dataset, not to --input files")
     if args.name is None and args.dataset == DATASET and not args.input:
         args.name = NAME
+    if args.val_size is None:
+        args.val_size = args.shard_size
     return args
+
+
+def round_down(n):
+    """n rounded down to 2 significant digits (a suggestion easy to type)."""
+    unit = 10 ** max(len(str(n)) - 2, 0)
+    return n // unit * unit
+
+
+def layout_warnings(out_dir, shards, val_size, shard_size):
+    """What the shards leave train_gpt2.py short of, and what to do, one line each (none for a usual run)."""
+    tokens, val = sum(s["tokens"] for s in shards), shards[0]["tokens"]
+    warnings = []
+    if len(shards) == 1:  # the val shard swallowed everything: shrink it (with the shards, if it is one shard_size)
+        option, n = ("--shard_size" if val_size == shard_size else "--val_size"), max(round_down(tokens // 10), 1)
+        train = -(-(tokens - n) // (n if val_size == shard_size else shard_size))
+        what = f"e.g. {option} {n} (a val shard and {train} train shard{'s' * (train > 1)})" if train else "more data"
+        other = f", or a --val_size below {tokens:,}" if train and val_size == shard_size else ""
+        warnings.append(f"{out_dir}: no train shard: the val shard (up to {val_size:,} tokens) took all {tokens:,} "
+                        f"tokens, and train_gpt2.py trains on train shards; run again into an empty --output_dir "
+                        f"with {what}{other}")
+    if val < TRAIN_VAL_TOKENS + 1:  # + 1: the last target
+        fit = (val - 1) // TRAIN_MICRO_BATCH * TRAIN_MICRO_BATCH
+        example = f" (e.g. --val_tokens={fit} with the default batch_size*block_size, {TRAIN_MICRO_BATCH:,})"
+        warnings.append(f"{out_dir}: the val shard holds {val:,} tokens, too few for train_gpt2.py's default "
+                        f"--val_tokens={TRAIN_VAL_TOKENS}; pass train_gpt2.py --val_tokens=N, N a multiple of "
+                        f"batch_size*block_size below {val:,}{example if fit else ''}")
+    return warnings
 
 
 def prepare(args):
     """The whole job for parsed arguments: check, continue or start, write."""
     if args.input:
         check_input_files(args.input)
-    identity = run_identity(args.dataset, args.name, args.streaming, args.input, args.shard_size)
+    identity = run_identity(args.dataset, args.name, args.streaming, args.input, args.shard_size, args.val_size)
     done, complete = completed_shards(args.output_dir, identity)
     if complete:
         print(f"{args.output_dir}: all {len(done)} shards of this run are already complete, nothing to do")
+        warn(layout_warnings(args.output_dir, done, args.val_size, args.shard_size))
         return
     doc, offset = done[-1]["end"] if done else (0, 0)
     # everything that can be checked is checked before the first write
@@ -494,13 +620,20 @@ def prepare(args):
         texts = iter_hub_texts(ds, doc, hub_label(args.dataset, args.name))
     if done:
         print(f"{args.output_dir}: continuing after {len(done)} complete shards (document {doc:,}, token {offset:,})")
-    print(f"tokenizing into {args.output_dir}: {args.shard_size:,} tokens per shard, num_proc={args.num_proc}")
+    val = "" if args.val_size == args.shard_size else f" ({args.val_size:,} in the val shard)"
+    print(f"tokenizing into {args.output_dir}: {args.shard_size:,} tokens per shard{val}, num_proc={args.num_proc}")
     t0 = time.time()
     manifest = write_shards(texts, args.output_dir, identity, done, args.num_proc, num_docs)
     dt = max(time.time() - t0, 1e-9)
     new_tokens = manifest["tokens"] - sum(s["tokens"] for s in done)
     print(f"{args.output_dir}: {len(manifest['shards'])} shards, {manifest['tokens']:,} tokens from "
           f"{manifest['documents']:,} documents ({new_tokens:,} tokens in {dt:.1f} s, {new_tokens / dt:,.0f} tokens/s)")
+    warn(layout_warnings(args.output_dir, manifest["shards"], args.val_size, args.shard_size))
+
+
+def warn(lines):
+    for line in lines:
+        print(f"{os.path.basename(__file__)}: warning: {line}", file=sys.stderr)
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ than weights. Importing this module does no work; `transformers` is imported onl
 import dataclasses
 import inspect
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from tokenizer import save_hf_tokenizer
 
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary; training pads it to 50304 (a multiple of 128) for speed
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -36,21 +39,49 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # Architecture switches. Every default is GPT-2's; the alternatives are what recent fast small-model recipes
+    # (modded-nanogpt, nanochat) use instead.
     norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu"
+    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" | "relu2" (relu(x)**2, 4 * n_embd hidden)
+    pos_emb: str = "learned"  # "learned" (GPT-2's wpe table) | "rope" (rotary embeddings on q and k, no wpe)
+    qk_norm: bool = False  # RMS-normalize q and k of every head before attention
+    tie_embeddings: bool = True  # one matrix for wte and lm_head (GPT-2); False: two
+    bias: bool = True  # biases in the Linear layers and LayerNorms (GPT-2); False: none
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: raw logits (GPT-2)
+    # zero-initialize the residual projections (attn.c_proj, mlp.c_proj), and lm_head when untied; a tied lm_head is
+    # also the input embedding, which must not be zero (every token would embed to the same vector), so it keeps its
+    # normal init. An init, not an architecture: a zero_init model is still GPT-2 (is_gpt2, save_pretrained).
+    zero_init: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.mlp not in ("gelu", "swiglu", "relu2"):
+            raise ValueError(f"mlp must be 'gelu', 'swiglu' or 'relu2', got {self.mlp!r}")
+        if self.pos_emb not in ("learned", "rope"):
+            raise ValueError(f"pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size "
+                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+        for name in ("qk_norm", "tie_embeddings", "bias", "zero_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        cap = self.logit_softcap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
+            raise ValueError(f"logit_softcap must be a finite number >= 0 (0: no cap), got {cap!r}")
+
+    def non_gpt2_fields(self):
+        """{name: value} of the architecture fields that differ from GPT-2's; never zero_init, an init only."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        names = ("norm", "mlp", "pos_emb", "qk_norm", "tie_embeddings", "bias", "logit_softcap")
+        return {name: getattr(self, name) for name in names if getattr(self, name) != defaults[name]}
 
     @property
     def is_gpt2(self):
         """True for the exact GPT-2 architecture (the one transformers' GPT2LMHeadModel can run)."""
-        return self.norm == "layernorm" and self.mlp == "gelu"
+        return not self.non_gpt2_fields()
 
     @classmethod
     def from_dict(cls, d):
@@ -65,26 +96,80 @@ def make_norm(config):
     # GPT-2's LayerNorm has a bias and eps 1e-5 (transformers' layer_norm_epsilon); RMSNorm drops the mean and the bias.
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+
+
+ROPE_BASE = 10000.0  # RoPE's frequency base (RoFormer, Su et al. 2021; Llama): dimension pair i turns by base^(-2i/hs)
+
+
+def rope_tables(block_size, head_size):
+    """cos and sin of the rotation angle of every (position, dimension pair): two (block_size, head_size / 2)."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs / 2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs / 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by their position's angles, cos/sin (T, hs/2).
+    q.k then depends on the two positions only through their difference: attention sees relative positions."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs / 2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under autocast: no fp32 copy of q and k
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """One layer's keys and values of the positions seen so far, for generation: a buffer of max_len positions,
+    allocated on first use in the dtype the keys and values come in (bf16 under autocast)."""
+
+    def __init__(self, max_len):
+        self.max_len, self.pos, self.k, self.v = max_len, 0, None, None  # pos: positions cached
+
+    def update(self, k, v):
+        """Store k, v (B, nh, T, hs) as positions pos..pos+T-1; return the keys and values of all pos+T positions."""
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, nh, self.max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]  # (B, nh, pos, hs) each
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
+        self.qk_norm = config.qk_norm
         # key, query, value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, kv_cache=None):
+        """x (B, T, C) -> (B, T, C). rope: (cos, sin) of these T positions for pos_emb="rope". kv_cache: a KVCache
+        with the keys and values of the positions before these T (generation), which these T are added to."""
         B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
         # nh = number of heads, hs = head size, C = nh * hs
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v with the causal mask, never materializing the (T, T) matrix (flash attention)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if self.qk_norm:
+            # q and k of RMS 1 bound every attention logit by sqrt(hs): q and k cannot grow until the softmax
+            # saturates (logit blow-up), which is what destabilizes training at high learning rates
+            # (modded-nanogpt, nanochat). Parameter-free: no weights added. Before rope, which keeps norms.
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past, mask = 0, None  # positions cached before these T
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(k, v)  # (B, nh, past + T, hs): the cached positions, then these T
+            if past and T > 1:  # SDPA's is_causal aligns the mask top-left: query i must see keys 0..past+i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # softmax(q k^T / sqrt(hs)) v with the causal mask, never materializing the (T, T) matrix (flash attention);
+        # one new token after cached ones (T == 1) sees every key: no mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
@@ -96,18 +181,22 @@ class MLP(nn.Module):
             # SwiGLU has three matrices instead of two; a hidden size of 8/3 * n_embd (rounded up to a multiple of 64
             # for the GPU) keeps the parameter count that of the 4 * n_embd GELU MLP: 2048 for n_embd 768, exactly.
             hidden = -(-8 * config.n_embd // (3 * 64)) * 64
-            self.c_fc = nn.Linear(config.n_embd, 2 * hidden)  # gate and value in one matmul
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
         else:
             hidden = 4 * config.n_embd
-            self.c_fc = nn.Linear(config.n_embd, hidden)
-        self.swiglu = config.mlp == "swiglu"
-        self.c_proj = nn.Linear(hidden, config.n_embd)
+            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.kind = config.mlp
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            # ReLU² (Primer, So et al. 2021; modded-nanogpt): cheaper than GELU's tanh, sparse (every negative
+            # input gives exactly 0), and faster per token than GELU at this size in modded-nanogpt's speedruns
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         return self.c_proj(h)
@@ -121,9 +210,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, kv_cache=None):
         # pre-LN: the residual stream x is never normalized, so gradients flow straight through it
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -132,22 +221,37 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        else:
+            # rope: cos and sin of every position computed once, not in every forward; non-persistent buffers, so
+            # they follow .to(device) but stay out of the state_dict (weights only, keys as with learned positions)
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs / 2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (GPT-2, and "Using the Output Embedding to Improve Language Models"): one matrix maps tokens
-        # in and logits out; it is 38.6M of GPT-2 small's 124M parameters.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying (GPT-2, and "Using the Output Embedding to Improve Language Models"): one matrix maps
+            # tokens in and logits out; it is 38.6M of GPT-2 small's 124M parameters.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # Every block adds two residual projections into the stream, so its variance grows with 2 * n_layer
         # additions; scaling their init by 1/sqrt(2 * n_layer) keeps the stream's scale independent of depth.
+        # zero_init starts them at 0 instead (modded-nanogpt, nanochat): every block begins as the identity, and an
+        # untied lm_head at 0 starts from the uniform distribution, loss ln(vocab_size); the gradients move them off
+        # 0 in the first steps.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 * (2 * config.n_layer) ** -0.5)
+                if config.zero_init:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 * (2 * config.n_layer) ** -0.5)
+        if config.zero_init and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -156,35 +260,54 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=False):
-        """Parameters, the tied wte/lm_head matrix counted once; non_embedding leaves out the position embeddings
-        (as nanoGPT's FLOPs estimate does: they cost no matmul)."""
+        """Parameters, a tied wte/lm_head matrix counted once. non_embedding leaves out the lookup tables, which cost
+        no matmul (as nanoGPT's FLOPs estimate does): the position embeddings (none with rope) and an untied wte; a
+        tied wte stays, being also the lm_head, a matmul."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 per weight of the matmuls plus the attention scores and
-        values, 12 * n_layer * n_head * head_size * seq_len (PaLM appendix B, as nanoGPT's MFU estimate)."""
+        """Training FLOPs per token (forward + backward): 6 per weight of the matmuls (num_params(non_embedding=True):
+        every weight but the lookup tables; an untied lm_head is counted) plus the attention scores and values,
+        12 * n_layer * n_head * head_size * seq_len (PaLM appendix B, as nanoGPT's MFU estimate). Elementwise work
+        (norms, activations, rope, softcap) is not counted."""
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
-    def forward(self, idx, targets=None, positions=None):
+    def forward(self, idx, targets=None, positions=None, kv_cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy against targets (B, T), or None).
         positions (B, E), optional: the logits of those positions only, (B, E, vocab_size) (and targets (B, E)). The
         lm_head is a third of GPT-2 small's matmul FLOPs; an eval that scores a few positions of each row skips most
-        of it."""
+        of it. kv_cache (generate's): one KVCache per layer; idx continues the positions cached there."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd) + (T, n_embd) broadcast
-        for block in self.transformer.h:
-            x = block(x)
+        start = 0 if kv_cache is None else kv_cache[0].pos  # position of idx[:, 0]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        rope = None
+        if self.config.pos_emb == "rope":
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hs / 2) each
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, n_embd) + (T, n_embd) broadcast
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, None if kv_cache is None else kv_cache[i])
         x = self.transformer.ln_f(x)
         if positions is not None:
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
         logits = self.lm_head(x)  # (B, T or E, vocab_size)
+        if self.config.logit_softcap:
+            # squash the logits smoothly into (-cap, cap): no logit can run away, a stabilizer like qk_norm (Gemma 2,
+            # modded-nanogpt). In the logits' own dtype (bf16 under autocast: half the memory traffic of an fp32 copy
+            # of the (B, T, vocab) tensor); the cross-entropy below is computed in fp32 all the same (autocast runs
+            # log_softmax in fp32).
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             # mean over the tokens whose target is not -1 (padding / masked positions)
@@ -206,12 +329,26 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
         """Append max_new_tokens sampled tokens to idx (B, T): top-k sampling, greedy when temperature is 0.
         Only the last block_size tokens are fed, so any length works. A model with the padded vocabulary never
-        samples the padding ids (>= 50257), which are no GPT-2 tokens."""
+        samples the padding ids (>= 50257), which are no GPT-2 tokens.
+        use_cache: run the prompt once, keeping every layer's keys and values, then feed one token per step that
+        attends to them: the same tokens as use_cache=False, which feeds the whole sequence every step. Past
+        block_size the window slides, every position shifts and the cache is stale: from then on each step is a
+        full forward pass over the last block_size tokens, exactly as without the cache."""
+        block_size = self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            B, T = idx.size()
+            if not use_cache or T > block_size:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None:  # prefill, the lm_head at the last position only: it is all sampling needs
+                cache = [KVCache(min(block_size, T + max_new_tokens)) for _ in self.transformer.h]
+                last = torch.full((B, 1), T - 1, dtype=torch.long, device=idx.device)
+                logits, _ = self(idx, positions=last, kv_cache=cache)
+            else:  # the newest token, at position T - 1, after the T - 1 cached ones
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
             logits = logits[:, -1, :].float()  # (B, vocab_size)
             if self.config.vocab_size > GPT2_VOCAB_SIZE:
                 logits[:, GPT2_VOCAB_SIZE:] = -float("inf")
@@ -232,16 +369,36 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """Load a transformers GPT-2 checkpoint: one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (or any hub id), or a
-        local directory with config.json and model.safetensors / pytorch_model.bin."""
+        local directory with config.json and model.safetensors / pytorch_model.bin. Offline (HF_HUB_OFFLINE, or a hub
+        that does not answer) a hub id loads from the local HF cache only, or fails at once."""
+        import http.client
+        import urllib.error
+        import urllib.request
+        from huggingface_hub import constants, is_offline_mode
         from transformers import GPT2LMHeadModel
 
+        offline = ""  # why only the local HF cache can serve a hub id
         if os.path.isdir(name_or_path):
             _check_hf_dir(name_or_path)
         elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
             raise ValueError(f"{name_or_path}: not a directory holding a transformers GPT-2 checkpoint")
+        elif is_offline_mode():
+            offline = "offline mode (HF_HUB_OFFLINE)"
+        else:
+            # Unreachable and not cached, huggingface_hub retries 5 times with backoff (~25 s, two warning lines
+            # each): one quick HEAD to the endpoint tells first. Twin of fineweb.hub_unreachable (torch-free there).
+            try:
+                urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=3).close()
+            except urllib.error.HTTPError:
+                pass  # an HTTP answer, whatever its status: the hub is there
+            except (OSError, ValueError, http.client.HTTPException) as e:  # no DNS, refused, timeout, bad HF_ENDPOINT
+                offline = f"no network ({constants.ENDPOINT} unreachable: {getattr(e, 'reason', e)})"
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=bool(offline))
         except Exception as e:  # network, hub id, or file format: say which model and why, in one line
+            if offline:
+                raise ValueError(f"could not load GPT-2 {name_or_path!r}: {offline} and not in the local cache; "
+                                 "pass a local transformers directory instead") from None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"could not load GPT-2 {name_or_path!r}: {first_line}") from None
         hf_config = hf.config
@@ -272,10 +429,12 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory):
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained(directory) loads
-        with the same logits. A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens."""
+        with the same logits, and GPT-2's tokenizer files (tokenizer.py), so AutoTokenizer and pipeline() work on the
+        directory. A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens."""
         if not self.config.is_gpt2:
-            raise ValueError(f"cannot export norm={self.config.norm!r}, mlp={self.config.mlp!r} as GPT-2: "
-                             "transformers' GPT2LMHeadModel has only LayerNorm and the GELU MLP")
+            changed = ", ".join(f"{name}={value!r}" for name, value in self.config.non_gpt2_fields().items())
+            raise ValueError(f"cannot export {changed} as GPT-2: transformers' GPT2LMHeadModel has GPT-2's "
+                             "architecture only")
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
@@ -293,6 +452,7 @@ class GPT(nn.Module):
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
             hf.save_pretrained(tmp)
+            save_hf_tokenizer(tmp, model_max_length=c.block_size)  # weights and tokenizer arrive together
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(directory, name))
 

@@ -8,6 +8,7 @@ of a run directory.
 
 import dataclasses
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,42 @@ def init_distributed(d, device):
         dist.init_process_group(backend="nccl", device_id=device)
     else:
         dist.init_process_group(backend="gloo")
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, cloud preemption, a scheduler's time limit) as requests to stop: inside the
+    `with` block the first one only sets a flag, which the training loop reads after each optimizer step (it saves a
+    checkpoint and exits); a second SIGINT raises KeyboardInterrupt at once. A second SIGTERM is not a reason to
+    hurry: torchrun answers a Ctrl-C by sending its workers SIGTERM too. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0  # the first signal received, 0 for none
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def agreed(self, device, ddp):
+        """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
+        the same step. Collective in a distributed run (every rank calls it after every step)."""
+        if not ddp:
+            return self.signum
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 # -----------------------------------------------------------------------------

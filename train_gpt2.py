@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import time
 from bisect import bisect_right
@@ -31,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from checkpoints import (append_log, checkpoint_path, compare_configs, find_checkpoint, list_checkpoints,
-                         load_optimizer_state, model_from_checkpoint, prepare_log_dir, prune_checkpoints,
-                         save_checkpoint, set_rng_state)
+                         load_optimizer_state, locked_run_dir, model_from_checkpoint, prepare_log_dir,
+                         prune_checkpoints, save_checkpoint, set_rng_state)
 from fineweb import shard_pattern
 from model import GPT, GPT2_VOCAB_SIZE, REFERENCES, GPTConfig
-from runtime import (ConfigError, autocast, dist_from_env, get_device, init_distributed, option, parse_args,
-                     peak_flops, setup_precision, usage)
+from runtime import (ConfigError, StopSignal, autocast, dist_from_env, get_device, init_distributed, option,
+                     parse_args, peak_flops, setup_precision, usage)
 
 
 @dataclass
@@ -95,7 +96,8 @@ class TrainConfig:
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)
                 if f.name in {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "block_size"]
 MAKE_SHARDS_HINT = "make them with `python fineweb.py`"
-ERROR_PREFIX = "train_gpt2.py: error:"
+SCRIPT = "train_gpt2.py"
+ERROR_PREFIX = f"{SCRIPT}: error:"
 
 
 def check_config(cfg, world_size):
@@ -313,8 +315,10 @@ def evaluate_loss(model, stream, *, n_chunks, B, T, vocab_size, device, autocast
 
 def sample(model, enc, *, prompt, num_samples, length, seed, device, autocast_dtype):
     """num_samples continuations of prompt (top-k 50). A generator of its own: the training RNG stays untouched, and
-    the same seed every time makes samples of different steps differ by the model only."""
-    idx = torch.tensor([enc.encode_ordinary(prompt)] * num_samples, dtype=torch.long, device=device)
+    the same seed every time makes samples of different steps differ by the model only. An empty prompt starts from
+    <|endoftext|>, a document boundary, as GPT-2's unconditional samples do."""
+    tokens = enc.encode_ordinary(prompt) or [enc.eot_token]
+    idx = torch.tensor([tokens] * num_samples, dtype=torch.long, device=device)
     # a CPU generator: model.generate draws on the generator's device, so one kind serves cuda, mps and cpu
     generator = torch.Generator().manual_seed(seed)
     with autocast(device.type, autocast_dtype):
@@ -440,12 +444,18 @@ def due(step, every, last):
 
 
 def run(cfg, d):
-    """Train with cfg on this process's share of the ranks d; returns the exit code."""
+    """Train with cfg on this process's share of the ranks d; returns the exit code. Rank 0 holds log_dir's lock
+    from the start: a second run into the same log_dir stops there."""
+    with locked_run_dir(cfg.log_dir) if d.master else contextlib.nullcontext():
+        return train(cfg, d)
+
+
+def train(cfg, d):
     def log(message):
         if d.master:
             print(message, flush=True)
 
-    resume_path, checkpoint = find_checkpoint(cfg.log_dir, cfg.resume)
+    resume_path, checkpoint = find_checkpoint(cfg.log_dir, cfg.resume, log)
     s = setup(cfg, d, checkpoint, resume_path, log)
     cfg, device, raw_model = s.cfg, s.device, s.raw_model
     start_step = checkpoint["step"] if checkpoint else 0
@@ -484,72 +494,87 @@ def run(cfg, d):
             if wandb:
                 wandb.log({kind: value}, step=step)
 
-    gpt2, gpt3 = REFERENCES["gpt2"], REFERENCES["gpt3"]
-    flops_per_token = raw_model.flops_per_token(cfg.block_size)
-    peak = peak_flops(device)
-    step_times = []  # seconds of each train step of this process (evals and checkpoints excluded)
-    log(f"total batch {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world_size} "
-        f"process(es) x {s.grad_accum_steps} micro-steps; {raw_model.num_params():,} parameters on {device}")
-    for step in range(start_step, cfg.max_steps + 1):
-        last = step == cfg.max_steps
-        # --- evaluations of the model as it is after `step` optimizer steps
-        do_val, do_hella = due(step, cfg.val_every, last), due(step, cfg.hellaswag_every, last)
-        do_sample = due(step, cfg.sample_every, last)
-        if do_val or do_hella or do_sample:
-            s.model.eval()
-            t0 = time.perf_counter()
-            if do_val:
-                val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // (cfg.batch_size *
-                                                                                         cfg.block_size),
-                                         B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size, device=device,
-                                         autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size)
-                log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
-                record(step, "val", val_loss, ".4f")
-            if do_hella:
-                result = hellaswag.evaluate(s.model, examples, device=device, autocast_dtype=s.autocast_dtype,
-                                            rank=d.rank, world_size=d.world_size)
-                log(f"step {step:5d} | HellaSwag acc_norm {result.correct_norm}/{result.n} = {result.acc_norm:.4f} "
-                    f"(GPT-2 124M: {gpt2['hella']}, GPT-3 124M: {gpt3['hella']})")
-                record(step, "hella", result.acc_norm, ".4f")
-            if do_sample and d.master:
-                for i, text in enumerate(sample(raw_model, enc, prompt=cfg.sample_prompt, num_samples=cfg.num_samples,
-                                                length=cfg.sample_length, seed=cfg.seed, device=device,
-                                                autocast_dtype=s.autocast_dtype)):
-                    log(f"step {step:5d} | sample {i}: {text!r}")
-            s.model.train()
-            log(f"step {step:5d} | evals took {time.perf_counter() - t0:.1f} s")
-        # --- checkpoint (not at the step just resumed from: that checkpoint exists); the last step's always
-        if step > start_step and (last or due(step, cfg.checkpoint_every, last)) and d.master:
-            path = checkpoint_path(cfg.log_dir, step)
+    def save(step):
+        path = checkpoint_path(cfg.log_dir, step)
+        if d.master:
             save_checkpoint(path, raw_model=raw_model, optimizer=s.optimizer, step=step, loader=loader,
                             train_config=dataclasses.asdict(cfg), device=device)
             prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints)
             log(f"step {step:5d} | saved {path}")
-        if last:
-            break
-        # --- one optimizer step
-        t0 = time.perf_counter()
-        batches = [loader.next_batch() for _ in range(s.grad_accum_steps)]
-        lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                    max_steps=cfg.max_steps)
-        loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                     device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp)
-        loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            saved = list_checkpoints(cfg.log_dir)
-            last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
-            if d.master:
-                print(f"{ERROR_PREFIX} step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, "
-                      f"{last_good}", file=sys.stderr, flush=True)
-            return 1
-        tokens_per_sec = cfg.total_batch_size / dt
-        log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {format_ms(dt)} | "
-            f"{tokens_per_sec:,.0f} tok/s | MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}")
-        record(step, "train", loss, ".6f")
-        if wandb:
-            wandb.log({"lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec}, step=step)
+        return path
+
+    gpt2, gpt3 = REFERENCES["gpt2"], REFERENCES["gpt3"]
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    peak = peak_flops(device)
+    tokens_per_micro_batch = cfg.batch_size * cfg.block_size
+    step_times = []  # seconds of each train step of this process (evals and checkpoints excluded)
+    log(f"total batch {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world_size} "
+        f"process(es) x {s.grad_accum_steps} micro-steps; {raw_model.num_params():,} parameters on {device}")
+    with StopSignal() as stop:  # SIGINT / SIGTERM: finish the step, save, exit
+        for step in range(start_step, cfg.max_steps + 1):
+            last = step == cfg.max_steps
+            # --- evaluations of the model as it is after `step` optimizer steps
+            do_val, do_hella = due(step, cfg.val_every, last), due(step, cfg.hellaswag_every, last)
+            do_sample = due(step, cfg.sample_every, last)
+            if do_val or do_hella or do_sample:
+                s.model.eval()
+                t0 = time.perf_counter()
+                if do_val:
+                    val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // tokens_per_micro_batch,
+                                             B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size,
+                                             device=device, autocast_dtype=s.autocast_dtype, rank=d.rank,
+                                             world_size=d.world_size)
+                    log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
+                    record(step, "val", val_loss, ".4f")
+                if do_hella:
+                    result = hellaswag.evaluate(s.model, examples, device=device, autocast_dtype=s.autocast_dtype,
+                                                rank=d.rank, world_size=d.world_size)
+                    log(f"step {step:5d} | HellaSwag acc_norm {result.correct_norm}/{result.n} = "
+                        f"{result.acc_norm:.4f} (GPT-2 124M: {gpt2['hella']}, GPT-3 124M: {gpt3['hella']})")
+                    record(step, "hella", result.acc_norm, ".4f")
+                if do_sample and d.master:
+                    for i, text in enumerate(sample(raw_model, enc, prompt=cfg.sample_prompt,
+                                                    num_samples=cfg.num_samples, length=cfg.sample_length,
+                                                    seed=cfg.seed, device=device, autocast_dtype=s.autocast_dtype)):
+                        log(f"step {step:5d} | sample {i}: {text!r}")
+                s.model.train()
+                log(f"step {step:5d} | evals took {time.perf_counter() - t0:.1f} s")
+            # --- checkpoint (not at the step just resumed from: that checkpoint exists); the last step's always
+            if step > start_step and (last or due(step, cfg.checkpoint_every, last)):
+                save(step)
+            if last:
+                break
+            # --- one optimizer step
+            t0 = time.perf_counter()
+            batches = [loader.next_batch() for _ in range(s.grad_accum_steps)]
+            lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                        max_steps=cfg.max_steps)
+            loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
+                                         device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp)
+            loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                saved = list_checkpoints(cfg.log_dir)
+                last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
+                if d.master:
+                    print(f"{ERROR_PREFIX} step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, "
+                          f"{last_good}", file=sys.stderr, flush=True)
+                return 1
+            tokens_per_sec = cfg.total_batch_size / dt
+            log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {format_ms(dt)} | "
+                f"{tokens_per_sec:,.0f} tok/s | MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}")
+            record(step, "train", loss, ".6f")
+            if wandb:
+                wandb.log({"lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec}, step=step)
+            # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
+            signum = stop.agreed(device, d.ddp)
+            if signum:
+                path = save(step + 1)
+                if d.master:
+                    print(f"{SCRIPT}: stopped at step {step + 1} ({signal.Signals(signum).name}); saved {path}; "
+                          "run the same command to continue", file=sys.stderr, flush=True)
+                return 128 + signum  # the shell's code for "ended by this signal"
 
     # the first step of a process includes torch.compile's work and warm-up: leave it out of the average
     steady = step_times[1:] or step_times
@@ -576,6 +601,11 @@ def main(argv=None):
         if d.master or e.every_rank:
             print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: stop at once, nothing saved
+        if d.master:
+            print(f"\n{SCRIPT}: interrupted, nothing saved since the last checkpoint; run the same command to "
+                  "continue from it", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -80,15 +80,17 @@ def shard_files(out_dir):
     return sorted(f for f in os.listdir(out_dir) if fineweb.SHARD_RE.fullmatch(f))
 
 
-def read_shards(out_dir, shard_size):
-    """Checks the layout (names, contiguous indices, val then train, dtype, sizes) and returns the token stream."""
+def read_shards(out_dir, shard_size, val_size=None):
+    """Checks the layout (names, contiguous indices, val then train, dtype, sizes: val_size, default shard_size, for
+    the val shard) and returns the token stream."""
     files = sorted(shard_files(out_dir), key=lambda f: int(re.search(r"(\d{6})\.npy$", f).group(1)))
     assert files, "no shards"
     assert files == [f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy" for i in range(len(files))]
     arrays = [np.load(os.path.join(out_dir, f)) for f in files]
     for i, a in enumerate(arrays):
+        size = (val_size or shard_size) if i == 0 else shard_size
         assert a.dtype == np.uint16 and a.ndim == 1
-        assert len(a) == shard_size if i < len(arrays) - 1 else 0 < len(a) <= shard_size
+        assert len(a) == size if i < len(arrays) - 1 else 0 < len(a) <= size
     return np.concatenate(arrays)
 
 
@@ -151,22 +153,27 @@ def test_tokenize_texts_in_order_and_bounded():
     assert pulled <= (20 + fineweb.IN_FLIGHT * 2 + 1) * max_docs_per_batch
 
 
-def test_continue_from_any_shard_boundary(tmp_path):
+@pytest.mark.parametrize("val_docs", [None, 4, 25])
+def test_continue_from_any_shard_boundary(tmp_path, val_docs):
     """A run stopped after any number of complete shards (manifest written, later shards missing, stale files
-    around) continues to exactly the uninterrupted result; a damaged shard is redone; a finished run is left alone."""
+    around) continues to exactly the uninterrupted result; a damaged shard is redone; a finished run is left alone.
+    With the default val shard (one shard_size) and with a --val_size smaller and larger than the shard size."""
     docs = make_docs(80, seed=2, long_every=30)
     lengths = [len(expected_tokens([d])) for d in docs]
     shard_size = sum(lengths[:9])  # the first boundary falls exactly between two documents
+    val_size = sum(lengths[:val_docs]) if val_docs else None  # ... whatever the val shard's size
     inputs = [write_jsonl(tmp_path / "a.jsonl", docs[:40]), write_parquet(tmp_path / "b.parquet", docs[40:])]
     out = tmp_path / "out"
     argv = ["--input", *inputs, "--output_dir", out, "--shard_size", shard_size, "--num_proc", 1]
+    argv += ["--val_size", val_size] if val_size else []
     assert run(argv) == 0
     reference = dir_bytes(out)
-    assert np.array_equal(read_shards(out, shard_size), expected_tokens(docs))
+    assert np.array_equal(read_shards(out, shard_size, val_size), expected_tokens(docs))
     manifest = json.loads(reference[fineweb.MANIFEST])
+    assert manifest["identity"]["val_size"] == (val_size or shard_size)
     n = len(manifest["shards"])
     ends = [tuple(s["end"]) for s in manifest["shards"]]
-    assert ends[0] == (9, 0) and any(offset > 0 for _, offset in ends), "both kinds of boundary are covered"
+    assert ends[0] == (val_docs or 9, 0) and any(offset > 0 for _, offset in ends), "both kinds of boundary"
 
     mtimes = {f: os.stat(out / f).st_mtime_ns for f in reference}
     assert run(argv) == 0  # complete: nothing is rewritten
@@ -205,14 +212,15 @@ def is_alive(pid):
 
 
 def test_killed_run_continues_to_identical_shards(tmp_path):
-    """The real CLI with 2 workers, SIGKILLed as soon as its first shard appears, then rerun: same shards as an
-    uninterrupted run, no file under a shard name is ever short, and the orphaned workers exit."""
+    """The real CLI with 2 workers (and a val shard of its own size), SIGKILLed as soon as its first shard appears,
+    then rerun: same shards as an uninterrupted run, no file under a shard name is ever short, and the orphaned
+    workers exit."""
     rng = np.random.default_rng(3)
     words = np.array(WORDS + UNICODE)
     docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for _ in range(500)]  # ~60 shards
     data = write_jsonl(tmp_path / "data.jsonl", docs)
-    shard_size = 2000
-    argv = ["--input", data, "--shard_size", shard_size]
+    shard_size, val_size = 2000, 3001
+    argv = ["--input", data, "--shard_size", shard_size, "--val_size", val_size]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert run([*argv, "--output_dir", reference, "--num_proc", 1]) == 0
 
@@ -234,7 +242,7 @@ def test_killed_run_continues_to_identical_shards(tmp_path):
         time.sleep(0.05)
     for f in shard_files(killed):  # every file under a real name is a whole shard
         a = np.load(killed / f)
-        assert a.dtype == np.uint16 and a.shape == (shard_size,)
+        assert a.dtype == np.uint16 and a.shape == (val_size if f == fineweb.shard_filename(0) else shard_size,)
         checked.add(f)
     manifest = json.loads((killed / fineweb.MANIFEST).read_text())
     assert not manifest["complete"], "the run finished before it was killed: the test needs more data"
@@ -242,7 +250,7 @@ def test_killed_run_continues_to_identical_shards(tmp_path):
 
     assert run([*argv, "--output_dir", killed, "--num_proc", 1]) == 0  # continuing may use another --num_proc
     assert dir_bytes(killed) == dir_bytes(reference)
-    assert np.array_equal(read_shards(killed, shard_size), expected_tokens(docs))
+    assert np.array_equal(read_shards(killed, shard_size, val_size), expected_tokens(docs))
 
 
 def bad_input_cases(tmp_path):
@@ -310,7 +318,9 @@ def test_output_dir_of_another_run_is_refused(tmp_path, capsys):
     before = dir_bytes(out)
     capsys.readouterr()
     for argv, differ in [(["--input", b, "--shard_size", 100], "source"),
-                         (["--input", a, "--shard_size", 50], "shard_size")]:
+                         (["--input", a, "--shard_size", 50], "shard_size, val_size"),  # the val shard follows
+                         (["--input", a, "--shard_size", 50, "--val_size", 100], "shard_size"),
+                         (["--input", a, "--shard_size", 100, "--val_size", 30], "val_size")]:
         assert run([*argv, "--output_dir", out, "--num_proc", 1]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{out}: holds shards of a different run ({differ} differ" in err[0], err
@@ -328,6 +338,134 @@ def test_output_dir_of_another_run_is_refused(tmp_path, capsys):
     a_file.write_text("x")
     assert run(["--input", a, "--output_dir", a_file, "--num_proc", 1]) == 2
     assert "a_file: not a directory" in capsys.readouterr().err
+
+
+def without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+BAD_MANIFESTS = {  # name: (how to damage the loaded manifest m, text of the one error line)
+    "not json": (lambda m: b"{truncated", "unreadable (JSONDecodeError"),
+    "a list": (lambda m: [m], "a JSON list, not an object"),
+    "no shards": (lambda m: without(m, "shards"), "no 'shards'"),
+    "no identity, no complete": (lambda m: without(without(m, "identity"), "complete"), "no 'identity', 'complete'"),
+    "identity a list": (lambda m: dict(m, identity=[["format", 1]]), '"identity" is not an object'),
+    "shards an object": (lambda m: dict(m, shards={}), '"shards" is not a list'),
+    "complete a string": (lambda m: dict(m, complete="yes"), '"complete" is not true or false'),
+    "complete, no shards": (lambda m: dict(m, shards=[]), '"complete" with no shards'),
+    "entry a string": (lambda m: dict(m, shards=["edufineweb_val_000000.npy"]), "shard entry 0 is not an object"),
+    "entry without end": (lambda m: dict(m, shards=[m["shards"][0], without(m["shards"][1], "end")]),
+                          "shard entry 1 has no 'end'"),
+    "entry without tokens, file": (lambda m: dict(m, shards=[without(without(m["shards"][0], "tokens"), "file")]),
+                                   "shard entry 0 has no 'file', 'tokens'"),
+    "file a number": (lambda m: dict(m, shards=[dict(m["shards"][0], file=0)]), 'shard entry 0: "file" is not a'),
+    "tokens a string": (lambda m: dict(m, shards=[dict(m["shards"][0], tokens="100")]),
+                        'shard entry 0: "tokens" is not a positive integer'),
+    "tokens true": (lambda m: dict(m, shards=[dict(m["shards"][0], tokens=True)]), '"tokens" is not a positive'),
+    "tokens zero": (lambda m: dict(m, shards=[dict(m["shards"][0], tokens=0)]), '"tokens" is not a positive'),
+    "end one number": (lambda m: dict(m, shards=[dict(m["shards"][0], end=[3])]), '"end" is not [document, token]'),
+    "end negative": (lambda m: dict(m, shards=[dict(m["shards"][0], end=[3, -1])]), '"end" is not [document'),
+    "end floats": (lambda m: dict(m, shards=[dict(m["shards"][0], end=[3.0, 0.5])]), '"end" is not [document'),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS))
+def test_bad_manifest_one_line_and_nothing_touched(tmp_path, capsys, case):
+    """A damaged or hand-edited manifest (every key and type that is used later) is one error line naming the
+    manifest, what is wrong and what to do; the output directory is left exactly as it was."""
+    damage, message = BAD_MANIFESTS[case]
+    a = write_jsonl(tmp_path / "a.jsonl", make_docs(30, seed=5))
+    out = tmp_path / "out"
+    argv = ["--input", a, "--output_dir", out, "--shard_size", 100, "--num_proc", 1]
+    assert run(argv) == 0
+    manifest = json.loads((out / fineweb.MANIFEST).read_text())
+    assert len(manifest["shards"]) >= 2
+    damaged = damage(manifest)
+    (out / fineweb.MANIFEST).write_bytes(damaged if isinstance(damaged, bytes) else json.dumps(damaged).encode())
+    before = dir_bytes(out)
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fineweb.py: error: {out / fineweb.MANIFEST}: bad manifest: "), err
+    assert message in err[0] and err[0].endswith(f"; delete {out} or choose another --output_dir"), err
+    assert dir_bytes(out) == before
+
+
+def test_manifest_without_val_size_continues(tmp_path, capsys):
+    """A manifest written before --val_size existed (no "val_size": the val shard was one shard_size) is continued
+    by the same command, to the same bytes; a command with another --val_size is refused."""
+    docs = make_docs(60, seed=8)
+    a = write_jsonl(tmp_path / "a.jsonl", docs)
+    out = tmp_path / "out"
+    argv = ["--input", a, "--output_dir", out, "--shard_size", 100, "--num_proc", 1]
+    assert run(argv) == 0
+    reference = dir_bytes(out)
+    manifest = json.loads(reference[fineweb.MANIFEST])
+    old = dict(manifest, identity=without(manifest["identity"], "val_size"), shards=manifest["shards"][:2],
+               complete=False)
+    for s in manifest["shards"][2:]:
+        os.remove(out / s["file"])
+    (out / fineweb.MANIFEST).write_text(json.dumps(without(without(old, "documents"), "tokens")))
+    before = dir_bytes(out)
+    capsys.readouterr()
+    assert run([*argv, "--val_size", 99]) == 2
+    assert "holds shards of a different run (val_size differ" in capsys.readouterr().err
+    assert dir_bytes(out) == before
+    assert run([*argv, "--val_size", 100]) == 0  # the same as leaving it out
+    assert dir_bytes(out) == reference
+
+
+def messages(capsys):
+    """fineweb.py's own lines on stderr (tqdm's progress bar writes there too)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("fineweb.py: ")]
+
+
+def test_small_input_says_what_to_do(tmp_path, capsys):
+    """Tokens that all fit in the val shard: the run says there is no train shard and suggests a --shard_size that
+    gives a val shard and several train shards (following it works, and is quiet about it), or a --val_size; a val
+    shard smaller than train_gpt2.py's default val_tokens is pointed out too."""
+    docs = make_docs(100, seed=9)
+    total = len(expected_tokens(docs))
+    a = write_jsonl(tmp_path / "a.jsonl", docs)
+    assert run(["--input", a, "--output_dir", tmp_path / "one", "--num_proc", 1]) == 0  # default shard size
+    assert shard_files(tmp_path / "one") == [fineweb.shard_filename(0)]
+    err = messages(capsys)
+    assert len(err) == 2 and all(line.startswith("fineweb.py: warning: ") for line in err), err
+    assert f"no train shard: the val shard (up to 100,000,000 tokens) took all {total:,} tokens" in err[0]
+    suggested = re.search(r"e\.g\. --shard_size (\d+) \(a val shard and (\d+) train shards\)", err[0])
+    assert suggested and f"or a --val_size below {total:,}" in err[0], err[0]
+    assert f"the val shard holds {total:,} tokens, too few for train_gpt2.py's default --val_tokens=10485760" in err[1]
+    assert run(["--input", a, "--output_dir", tmp_path / "one", "--num_proc", 1]) == 0  # rerun: said again
+    assert len(messages(capsys)) == 2
+
+    shard_size, train_shards = map(int, suggested.groups())
+    assert train_shards >= 5
+    assert run(["--input", a, "--output_dir", tmp_path / "many", "--shard_size", shard_size, "--num_proc", 1]) == 0
+    assert len(shard_files(tmp_path / "many")) == 1 + train_shards
+    assert "no train shard" not in capsys.readouterr().err
+
+    # a --val_size of its own that swallows everything: the suggestion is a smaller --val_size
+    assert run(["--input", a, "--output_dir", tmp_path / "val", "--shard_size", 50, "--val_size", total,
+                "--num_proc", 1]) == 0
+    err = capsys.readouterr().err
+    val_size, train_shards = map(int, re.search(r"e\.g\. --val_size (\d+) \(a val shard and (\d+) train", err).groups())
+    assert run(["--input", a, "--output_dir", tmp_path / "val2", "--shard_size", 50, "--val_size", val_size,
+                "--num_proc", 1]) == 0
+    assert len(shard_files(tmp_path / "val2")) == 1 + train_shards
+
+
+def test_layout_warnings_numbers():
+    shards = [{"tokens": 100_000_000}, {"tokens": 100_000_000}, {"tokens": 5}]
+    assert fineweb.layout_warnings("d", shards, 100_000_000, 100_000_000) == []  # FineWeb's layout: nothing to say
+    assert fineweb.layout_warnings("d", [{"tokens": fineweb.TRAIN_VAL_TOKENS + 1}, {"tokens": 1}], 1, 1) == []
+    (line,) = fineweb.layout_warnings("d", [{"tokens": 500_000}, {"tokens": 500_000}], 500_000, 500_000)
+    fit = int(re.search(r"e\.g\. --val_tokens=(\d+) with the default batch_size\*block_size, 65,536\)", line).group(1))
+    assert fit == 458_752 and fit % (64 * 1024) == 0 and fit < 500_000  # the largest multiple that fits
+    assert "a multiple of batch_size*block_size below 500,000" in line
+    (line,) = fineweb.layout_warnings("d", [{"tokens": 60_000}, {"tokens": 1}], 60_000, 60_000)
+    assert line.endswith("below 60,000")  # no multiple of the default 65,536 fits: no example
+    no_train, _ = fineweb.layout_warnings("d", [{"tokens": 3_366_148}], 100_000_000, 100_000_000)
+    assert "e.g. --shard_size 330000 (a val shard and 10 train shards)" in no_train  # 330000 + 10 shards >= 3,366,148
 
 
 def test_write_error_names_the_file(tmp_path):

@@ -1,5 +1,6 @@
 """model.py against transformers' GPT-2: logits, loss, export, generation; attention, sizes, init, variants, errors."""
 
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from model import GPT, GPTConfig, GPT2_VOCAB_SIZE
+from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, KVCache, apply_rope, rope_tables
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -144,6 +145,167 @@ def test_variants_train_and_keep_size(norm, mlp):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+# the --recipe=fast combination: every architecture switch away from GPT-2
+FAST = dict(pos_emb="rope", qk_norm=True, mlp="relu2", norm="rmsnorm", tie_embeddings=False, bias=False,
+            logit_softcap=15.0, zero_init=True)
+SWITCHES = [dict(pos_emb="rope"), dict(qk_norm=True), dict(mlp="relu2"), dict(norm="rmsnorm"),
+            dict(tie_embeddings=False), dict(bias=False), dict(logit_softcap=15.0), dict(zero_init=True),
+            dict(zero_init=True, tie_embeddings=False), FAST]
+SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_size=256)
+
+
+def switches_id(switches):
+    return "fast" if switches is FAST else ",".join(f"{k}={v}" for k, v in switches.items())
+
+
+def pattern_batch(B=4, T=32, vocab=256, period=8):
+    """(x, y) (B, T): a random period-8 pattern of tokens repeated, each row shifted; learnable in a few steps."""
+    pattern = torch.randint(0, vocab, (period,), generator=torch.Generator().manual_seed(0))
+    rows = torch.stack([pattern.roll(-r).repeat(T // period + 1)[:T + 1] for r in range(B)])
+    return rows[:, :-1], rows[:, 1:]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switches_id)
+def test_switches_train(switches):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **switches))
+    c = model.config
+    blocks = model.transformer.h
+    assert ("wpe" in model.transformer) == (c.pos_emb == "learned")
+    assert (model.transformer.wte.weight is model.lm_head.weight) == c.tie_embeddings
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))]
+    assert all((m.bias is not None) == c.bias for m in layers if m is not model.lm_head)
+    if c.zero_init:
+        assert all(torch.count_nonzero(b.attn.c_proj.weight) == 0 and torch.count_nonzero(b.mlp.c_proj.weight) == 0
+                   for b in blocks)
+        # an untied head starts at 0; a tied one is the input embedding and keeps its init
+        assert (torch.count_nonzero(model.lm_head.weight) == 0) == (not c.tie_embeddings)
+    opt = model.configure_optimizers(0.1, 5e-3, (0.9, 0.95), 1e-8, "cpu")
+    x, y = pattern_batch()
+    losses = []
+    for _ in range(15):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if c.zero_init and not c.tie_embeddings:
+        assert_close(losses[0], math.log(256))  # all logits 0: the uniform distribution
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_state_dict_keys_default_and_fast():
+    blocks = [f"transformer.h.0.{m}.{p}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc",
+                                                    "mlp.c_proj") for p in ("weight", "bias")]
+    keys = ["transformer.wte.weight", "transformer.wpe.weight", *blocks, "transformer.ln_f.weight",
+            "transformer.ln_f.bias", "lm_head.weight"]
+    assert list(GPT(GPTConfig(**dict(TINY, n_layer=1))).state_dict()) == keys
+    assert GPTConfig().is_gpt2 and GPTConfig(zero_init=True).is_gpt2  # zero_init is an init, not an architecture
+    # the fast model's keys: no wpe (rope's cos/sin buffers are not persistent), no biases, its own lm_head
+    fast = GPT(GPTConfig(**dict(TINY, n_layer=1), **FAST))
+    assert list(fast.state_dict()) == [k for k in keys if "wpe" not in k and not k.endswith("bias")]
+
+
+def test_variant_sizes_and_flops():
+    L, C, V, T, H = 2, 32, 256, 32, 2
+    attention = 12 * L * H * (C // H) * T
+    block = 12 * C * C + 13 * C  # c_attn, c_proj, c_fc, c_proj with biases, two LayerNorms
+    default = V * C + T * C + L * block + 2 * C
+
+    def sizes(**switches):
+        model = GPT(GPTConfig(**SMALL, **switches))
+        return model.num_params(), model.flops_per_token(T)
+
+    assert sizes() == (default, 6 * (default - T * C) + attention)
+    # every variant's matmuls: the untied wte is a lookup (left out of the FLOPs), the head still a matmul
+    assert sizes(pos_emb="rope") == (default - T * C, 6 * (default - T * C) + attention)
+    assert sizes(tie_embeddings=False) == (default + V * C, 6 * (default - T * C) + attention)
+    assert sizes(bias=False) == (default - L * 11 * C - C, 6 * (default - L * 11 * C - C - T * C) + attention)
+    assert sizes(mlp="relu2") == sizes()
+    fast = 2 * V * C + L * (12 * C * C + 2 * C) + C  # two vocab matrices, bias-free blocks, RMSNorm gains
+    assert sizes(**FAST) == (fast, 6 * (fast - V * C) + attention)
+
+
+def test_old_configs_load_and_variants_roundtrip():
+    old = dict(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)  # a checkpoint from before
+    assert GPTConfig.from_dict(old) == GPTConfig(**old) and GPTConfig.from_dict(old).is_gpt2
+    fast = GPTConfig(**FAST)
+    assert GPTConfig.from_dict(dataclasses.asdict(fast)) == fast and not fast.is_gpt2
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("pos_emb", "alibi", "pos_emb must be 'learned' or 'rope'"),
+    ("mlp", "tanh", "mlp must be 'gelu', 'swiglu' or 'relu2'"),
+    ("qk_norm", "yes", "qk_norm must be True or False"),
+    ("tie_embeddings", 1, "tie_embeddings must be True or False"),
+    ("bias", None, "bias must be True or False"),
+    ("zero_init", "false", "zero_init must be True or False"),
+    ("logit_softcap", -1.0, "logit_softcap must be a finite number >= 0"),
+    ("logit_softcap", float("inf"), "logit_softcap must be"),
+    ("logit_softcap", float("nan"), "logit_softcap must be"),
+    ("logit_softcap", "15", "logit_softcap must be"),
+])
+def test_bad_switches(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{field: value})
+
+
+def test_rope_needs_even_head_size():
+    with pytest.raises(ValueError, match="head size n_embd / n_head = 3 must be even"):
+        GPTConfig(n_embd=6, n_head=2, pos_emb="rope")
+
+
+def test_rope_scores_depend_on_relative_position():
+    cos, sin = rope_tables(block_size=64, head_size=8)
+    q, k = torch.randn(2, 1, 1, 1, 8, generator=torch.Generator().manual_seed(0))  # (B, nh, T, hs) each
+
+    def score(m, n):  # q at position m against k at position n
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
+
+    assert_close(score(0, 0), (q * k).sum())  # position 0: no rotation
+    assert_close(score(5, 2), score(60, 57))
+    assert_close(score(2, 5), score(40, 43))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_makes_attention_independent_of_qk_scale(qk_norm):
+    torch.manual_seed(0)
+    attn = GPT(GPTConfig(**TINY, qk_norm=qk_norm)).transformer.h[0].attn
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        before = attn(x)
+        attn.c_attn.weight[:64].mul_(10)  # the q and k rows (n_embd 32 each): 10x larger q and k
+        attn.c_attn.bias[:64].mul_(10)
+        after = attn(x)
+    assert torch.allclose(before, after, atol=1e-5) == qk_norm
+
+
+def test_logit_softcap_squashes_logits_and_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, **TINY, logit_softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # logits far beyond the cap
+    idx, targets = random_tokens((2, 20), vocab=256), random_tokens((2, 20), vocab=256, seed=1)
+    with torch.no_grad():
+        capped, loss = model(idx, targets)
+        model.config.logit_softcap = 0.0
+        raw, _ = model(idx)
+    assert raw.abs().max() > 10
+    assert_close(capped, 2.0 * torch.tanh(raw / 2.0))
+    assert_close(loss, F.cross_entropy(capped.view(-1, 256), targets.view(-1)))
+
+
+@pytest.mark.parametrize("switches", [s for s in SWITCHES if s != dict(zero_init=True)], ids=switches_id)
+def test_save_pretrained_refuses_variants(tmp_path, switches):
+    model = GPT(GPTConfig(**TINY, **switches))
+    changed = [k for k in switches if k != "zero_init"]
+    with pytest.raises(ValueError, match="cannot export .* as GPT-2") as e:
+        model.save_pretrained(tmp_path)
+    assert all(f"{k}={switches[k]!r}" in str(e.value) for k in changed), str(e.value)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
 def test_configure_optimizers_decays_matrices_only(capsys):
     model = GPT(GPTConfig(**TINY))
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
@@ -174,6 +336,66 @@ def test_generate_past_block_size_top_k_and_seeded():
             logits, _ = model(out[:, max(0, p - 16):p])
             top5 = torch.topk(logits[:, -1, :GPT2_VOCAB_SIZE], 5).indices
             assert (top5 == out[:, p:p + 1]).any(dim=1).all(), p
+
+
+def widened(model, seed=0):
+    """model with noise added to every weight: logits far from ties (and from zero_init's all-zero head)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+GENERATE_VARIANTS = [dict(), dict(pos_emb="rope", qk_norm=True), dict(logit_softcap=2.0), FAST]
+
+
+@pytest.mark.parametrize("switches", GENERATE_VARIANTS, ids=switches_id)
+def test_kv_cache_forward_equals_full_forward(switches):
+    torch.manual_seed(0)
+    model = widened(GPT(GPTConfig(vocab_size=256, **TINY, **switches)))
+    idx = random_tokens((2, 30), vocab=256)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = [KVCache(TINY["block_size"]) for _ in range(TINY["n_layer"])]
+        # a prompt, a chunk of several tokens after it (masked), then one token at a time
+        chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 10), (10, 17)] + [(t, t + 1)
+                                                                                          for t in range(17, 30)]]
+    assert cache[0].pos == 30
+    assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence of length 65 is longer than block_size 64"):
+        model(random_tokens((2, 35), vocab=256), kv_cache=cache)
+
+
+@pytest.mark.parametrize("switches", GENERATE_VARIANTS, ids=switches_id)
+def test_cached_generate_equals_uncached(switches):
+    torch.manual_seed(0)
+    model = widened(GPT(GPTConfig(vocab_size=256, **dict(TINY, block_size=16), **switches)))
+    prompt = random_tokens((2, 10), vocab=256)
+    # 30 new tokens: past block_size 16 the window slides and every step is a full forward pass again
+    cached = model.generate(prompt, 30, temperature=0)
+    assert cached.shape == (2, 40) and torch.equal(cached[:, :10], prompt)
+    assert torch.equal(cached, model.generate(prompt, 30, temperature=0, use_cache=False))
+    assert torch.equal(cached[1:], model.generate(prompt[1:], 30, temperature=0))  # rows don't interact
+    sampled = [model.generate(prompt, 30, top_k=20, generator=torch.Generator().manual_seed(3), use_cache=use_cache)
+               for use_cache in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_cached_generate_under_autocast():
+    torch.manual_seed(0)
+    model = widened(GPT(GPTConfig(vocab_size=50304, **TINY, **FAST)))
+    prompt = random_tokens((2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, 20, top_k=50, generator=torch.Generator().manual_seed(0))
+        cache = [KVCache(TINY["block_size"]) for _ in range(TINY["n_layer"])]
+        with torch.no_grad():
+            full, _ = model(prompt)
+            chunks = [model(prompt[:, :6], kv_cache=cache)[0]] + [model(prompt[:, t:t + 1], kv_cache=cache)[0]
+                                                                   for t in range(6, 10)]
+    assert out.shape == (2, 30) and out.max() < GPT2_VOCAB_SIZE  # padding ids are never sampled
+    assert cache[0].k.dtype == torch.bfloat16  # the cache holds what autocast computes in
+    assert_close(torch.cat(chunks, dim=1).float(), full.float(), rtol=0.05, atol=0.05)  # bf16's precision
 
 
 def test_bad_inputs(tmp_path):

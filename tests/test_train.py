@@ -449,3 +449,156 @@ def test_compile_on_cpu_matches_eager(tmp_path, capsys):
         assert sorted(eager) == sorted(compiled)
         assert all(math.isclose(eager[s], compiled[s], abs_tol=1e-4) for s in eager)
     assert '"compile": true' in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# what a new user hit: two runs in one log_dir, Ctrl-C / SIGTERM, a truncated checkpoint, bad log_dirs
+
+def start_run(args, **popen):
+    return subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, **popen)
+
+
+def wait_for_steps(proc, log_dir, n, timeout=100):
+    """Wait until the run has logged at least n train steps."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.stderr.read()}"
+        path = os.path.join(log_dir, "log.txt")
+        complete = open(path).read().split("\n")[:-1] if os.path.exists(path) else []
+        if sum(" train " in line for line in complete) >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no {n} steps in {timeout} s")
+
+
+def test_second_run_into_the_same_log_dir_is_refused(data_dir, tmp_path):
+    log_dir = str(tmp_path / "log")
+    args = tiny_args(data_dir, log_dir, max_steps=100000, checkpoint_every=5, val_every=0)
+    first = start_run(args)
+    try:
+        wait_for_steps(first, log_dir, 6)
+        second = run_cli(args)
+        assert second.returncode == 2
+        assert second.stderr == (f"train_gpt2.py: error: log_dir {log_dir} is in use by another run (pid {first.pid} "
+                                 f"on {__import__('socket').gethostname()}); wait for it to end, or pick another "
+                                 "--log_dir\n")
+    finally:
+        first.kill()  # kill -9: the kernel drops the lock with the process, nothing stale is left behind
+        first.wait()
+    third = run_cli(tiny_args(data_dir, log_dir, max_steps=5, val_every=0))
+    assert third.returncode == 0, third.stderr
+    assert "nothing to do" in run_cli(tiny_args(data_dir, log_dir, max_steps=5, val_every=0)).stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_the_rerun_continues_exactly(data_dir, tmp_path, signum):
+    """SIGTERM / Ctrl-C: the step finishes, a checkpoint of it is saved, one line says so, and running the same command
+    again gives the log and weights of a run never stopped."""
+    steps = 60
+    common = dict(max_steps=steps, checkpoint_every=1000, val_every=20)
+    stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
+    proc = start_run(tiny_args(data_dir, stopped, **common))
+    wait_for_steps(proc, stopped, 25)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    ckpts = train_gpt2.list_checkpoints(stopped)
+    assert len(ckpts) == 1 and 25 <= ckpts[0][0] < steps
+    name = signal.Signals(signum).name
+    assert err == (f"train_gpt2.py: stopped at step {ckpts[0][0]} ({name}); saved {ckpts[0][1]}; run the same "
+                   "command to continue\n")
+    assert max(losses(read_log(stopped))) == ckpts[0][0] - 1  # the step before the checkpoint is the last one logged
+    assert main(tiny_args(data_dir, stopped, **common)) == 0
+    assert main(tiny_args(data_dir, straight, **common)) == 0
+    assert read_log(stopped) == read_log(straight)
+    a, b = load(os.path.join(straight, f"model_{steps:05d}.pt")), load(os.path.join(stopped, f"model_{steps:05d}.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+
+
+def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
+    # a model big enough for a step to take a while: the second SIGINT arrives before the step the first waits for
+    log_dir = str(tmp_path / "log")
+    proc = start_run(tiny_args(data_dir, log_dir, n_embd=512, n_layer=4, block_size=256, batch_size=2,
+                               total_batch_size=16384, max_steps=1000, val_every=0, checkpoint_every=0))
+    wait_for_steps(proc, log_dir, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # two signals sent at once may reach the process as one
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["train_gpt2.py: interrupted, nothing saved since the last checkpoint; run the "
+                                        "same command to continue from it"]
+    assert train_gpt2.list_checkpoints(log_dir) == []
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    log_dir = str(tmp_path / "ddp")
+    args = tiny_args(data_dir, log_dir, max_steps=100000, total_batch_size=256, batch_size=4, val_every=0,
+                     checkpoint_every=0)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             SCRIPT, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=SUBPROCESS_ENV)
+    try:
+        wait_for_steps(proc, log_dir, 5, timeout=200)
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and
+                   open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+        rank1 = [p for p in workers if b"RANK=1\0" in open(f"/proc/{p}/environ", "rb").read().replace(b"LOCAL_", b"")]
+        assert len(rank1) == 1, workers
+        os.kill(rank1[0], signal.SIGTERM)  # rank 1 only: rank 0 learns of it at the next step
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpts = train_gpt2.list_checkpoints(log_dir)
+    assert len(ckpts) == 1, (ckpts, err[-2000:])
+    step, path = ckpts[0]
+    assert f"train_gpt2.py: stopped at step {step} (SIGTERM); saved {path}; run the same command to continue" in err
+    assert max(losses(read_log(log_dir))) == step - 1
+    assert load(path)["loader"]["position"] == step * 256  # every rank's data position agrees with the step
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    assert main(tiny_args(data_dir, str(log_dir), max_steps=30, checkpoint_every=10, keep_checkpoints=0,
+                          val_every=0)) == 0
+    data = (log_dir / "model_00030.pt").read_bytes()
+    (log_dir / "model_00030.pt").write_bytes(data[:len(data) // 2])  # a disk fault cut it
+    capsys.readouterr()
+    assert main(tiny_args(data_dir, str(log_dir), max_steps=40, checkpoint_every=10, keep_checkpoints=0,
+                          val_every=0)) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {log_dir / 'model_00030.pt'}: cannot load the checkpoint: " in out
+    assert f"resuming from {log_dir / 'model_00020.pt'}, the newest checkpoint that loads" in out
+    assert sorted(losses(read_log(str(log_dir)))) == list(range(40))
+    assert load(log_dir / "model_00030.pt")["step"] == 30  # rewritten as the run passed it
+    for name in os.listdir(log_dir):
+        if name.startswith("model_"):
+            (log_dir / name).write_bytes(b"")
+    assert main(tiny_args(data_dir, str(log_dir), max_steps=50, val_every=0)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"log_dir {log_dir}: none of its 4 checkpoints loads" in err
+
+
+@pytest.mark.parametrize("log_dir", ["/proc/x/log", "FILE/log"])
+def test_unusable_log_dir_is_one_line_before_any_work(tmp_path, log_dir):
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    log_dir = log_dir.replace("FILE", str(tmp_path / "FILE"))
+    t0 = time.time()
+    result = run_cli([f"--data_dir={tmp_path / 'no_data'}", f"--log_dir={log_dir}"])  # bad data too: log_dir first
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"train_gpt2.py: error: --log_dir {log_dir}: cannot create or write it (")
+    assert time.time() - t0 < 30
+
+
+def test_empty_sample_prompt_samples_from_endoftext(tmp_path, capsys):
+    data = write_shards(tmp_path / "data", vocab=50257)
+    args = tiny_args(data, str(tmp_path / "log"), vocab_size=50304, max_steps=1, val_every=0, sample_every=1,
+                     sample_prompt="", num_samples=2, sample_length=4)
+    assert main(args) == 0
+    samples = [line for line in capsys.readouterr().out.splitlines() if "| sample " in line]
+    assert len(samples) == 4 and all(s.split(": ", 1)[1].startswith("'<|endoftext|>") for s in samples)
