@@ -3,7 +3,7 @@ HellaSwag (validation split, 10,042 examples) for any GPT-2: scored as build-nan
 batched, and split across the ranks of a distributed run. train_gpt2.py imports `load_examples` and `evaluate`.
 
     python hellaswag.py --model gpt2                          # a hub id, a local transformers directory,
-    python hellaswag.py --model log/model_19072.pt            # or a checkpoint written by train_gpt2.py
+    python hellaswag.py --model log/model_19073.pt            # or a checkpoint written by train_gpt2.py
     python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 1000 --batch_size 32 --device cpu
 
 Completion style: each of the 4 endings is appended to the context (`ctx` tokens, then the tokens of " " + ending)

@@ -9,6 +9,7 @@ of a run directory.
 import dataclasses
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -107,13 +108,17 @@ def init_distributed(d, device):
 class StopSignal:
     """SIGINT (Ctrl-C) and SIGTERM (kill, cloud preemption, a scheduler's time limit) as requests to stop: inside the
     `with` block the first one only sets a flag, which the training loop reads after each optimizer step (it saves a
-    checkpoint and exits); a second SIGINT raises KeyboardInterrupt at once. A second SIGTERM is not a reason to
-    hurry: torchrun answers a Ctrl-C by sending its workers SIGTERM too. The previous handlers come back on exit."""
+    checkpoint and exits); a second SIGINT, a person pressing Ctrl-C again, raises KeyboardInterrupt at once. Not a
+    second SIGTERM, nor a SIGINT within a second of the first: under torchrun one Ctrl-C reaches a worker twice (from
+    the terminal, then forwarded by torchrun), and torchrun forwards the SIGTERM it gets. The previous handlers come
+    back on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_AFTER = 1.0  # seconds: a SIGINT this long after the first is a second Ctrl-C
 
     def __init__(self):
         self.signum = 0  # the first signal received, 0 for none
+        self.first_at = 0.0
         self.previous = {}
 
     def __enter__(self):
@@ -126,9 +131,10 @@ class StopSignal:
             signal.signal(signum, handler)
 
     def handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.first_at >= self.REPEAT_AFTER:
             raise KeyboardInterrupt
-        self.signum = self.signum or signum
 
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at

@@ -311,3 +311,11 @@ def test_cli_errors(scored, tiny_hf_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert cli_error(capsys, "--model", tiny_hf_dir, "--data", path, "--device", "cuda").endswith(
             "--device cuda: not available on this machine")
+
+
+def test_model_given_as_a_file_of_a_transformers_dir(scored, tiny_hf_dir, capsys):
+    """`--model dir/config.json` names the directory to pass; no advice from torch.load about weights_only."""
+    path, _, _ = scored
+    config = os.path.join(tiny_hf_dir, "config.json")
+    err = cli_error(capsys, "--model", config, "--data", path)
+    assert err == f"hellaswag.py: error: {config}: a file of a transformers model: pass its directory, {tiny_hf_dir}"

@@ -52,3 +52,20 @@ def test_peak_flops_table():
                 "NVIDIA GH200 480GB": 989e12, "NVIDIA L4": 121e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12,
                 "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA GeForce RTX 4090": 165e12, "Some Other GPU": None}
     assert {name: runtime.peak_flops_of(name) for name in expected} == expected
+
+
+def test_stop_signal_first_requests_second_ctrl_c_interrupts(monkeypatch):
+    import signal
+
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    with runtime.StopSignal() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop.handle and stop.agreed(torch.device("cpu"), ddp=False) == 0
+        stop.handle(signal.SIGTERM, None)
+        stop.handle(signal.SIGTERM, None)  # torchrun forwards SIGTERM: still a request
+        stop.handle(signal.SIGINT, None)  # within a second of the first: the same Ctrl-C, forwarded
+        assert stop.agreed(torch.device("cpu"), ddp=False) == signal.SIGTERM
+        clock[0] += 1.5
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)  # a person pressing Ctrl-C again
+    assert signal.getsignal(signal.SIGTERM) is not stop.handle  # the previous handlers are back
