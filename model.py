@@ -217,6 +217,48 @@ class Block(nn.Module):
         return x
 
 
+class MuonAdamW:
+    """A torch.optim.Muon and a torch.optim.AdamW as one optimizer (GPT.configure_optimizers(optimizer="muon")):
+    param_groups (Muon's, then AdamW's), zero_grad, step, state_dict and load_state_dict, as a training loop and its
+    checkpoints use a single torch optimizer."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        # the optimizers' own group dicts, so setting group["lr"] reaches them; a property, because load_state_dict
+        # replaces each optimizer's list of groups with new dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self):
+        """The layout of one torch optimizer's, {"state": {id: {...}}, "param_groups": [...]}, Muon's parameters
+        numbered first: code that reads or merges a single optimizer's state (param_groups zipped with the current
+        ones, torch.load(weights_only=True)) reads this one too."""
+        muon, adamw = self.muon.state_dict(), self.adamw.state_dict()
+        n = sum(len(g["params"]) for g in muon["param_groups"])  # AdamW's ids continue after Muon's
+        groups = muon["param_groups"] + [{**g, "params": [i + n for i in g["params"]]} for g in adamw["param_groups"]]
+        state = {**muon["state"], **{i + n: s for i, s in adamw["state"].items()}}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        k = len(self.muon.param_groups)  # the first k saved groups are Muon's, holding ids 0..n-1
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        n = sum(len(g["params"]) for g in groups[:k])
+        self.muon.load_state_dict({"state": {i: s for i, s in state.items() if i < n}, "param_groups": groups[:k]})
+        adam_groups = [{**g, "params": [i - n for i in g["params"]]} for g in groups[k:]]
+        adam_state = {i - n: s for i, s in state.items() if i >= n}
+        self.adamw.load_state_dict({"state": adam_state, "param_groups": adam_groups})
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -314,19 +356,79 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, verbose=False):
-        """AdamW with weight decay on the matrices and embeddings (2-D+) only: biases and norm gains stay undecayed."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, verbose=False, *,
+                             optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, embedding_lr=0.2, head_lr=0.004,
+                             scalar_lr=0.04):
+        """optimizer="adamw" (GPT-2): AdamW at learning_rate, weight decay on the matrices and embeddings (2-D+) only:
+        biases and norm gains stay undecayed.
+
+        optimizer="muon": a MuonAdamW. Muon at muon_lr (momentum muon_momentum, weight_decay) for the blocks'
+        matrices; AdamW (betas, eps, no weight decay) for the lm_head (tied or not) at head_lr, the untied wte and the
+        wpe at embedding_lr, the norm gains and biases at scalar_lr. Each group's "lr_scale" is its lr over
+        learning_rate, the schedule's peak: a training loop sets group["lr"] = lr * group.get("lr_scale", 1.0)
+        (optimizer="adamw" has no lr_scale: every group at lr itself, exactly)."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
         # the fused kernel updates all parameters in a few launches instead of a loop of small ones per tensor
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        if optimizer == "adamw":
+            params = [p for p in self.parameters() if p.requires_grad]
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if verbose:
+                print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
+                      f"undecayed tensors: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters), "
+                      f"fused AdamW: {fused}")
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
+                                     **({"fused": True} if fused else {}))
+        # Two optimizers. Muon (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024)
+        # replaces the momentum of each weight matrix by its nearest semi-orthogonal matrix (Newton-Schulz
+        # iterations): every direction of the update moves by the same amount, where a raw gradient is dominated by a
+        # few. That is for the blocks' Linear weights, maps from vectors to vectors (the fused c_attn, (3C, C), is
+        # orthogonalized as one matrix). The embeddings are lookup tables (row i learns only when token i occurs:
+        # orthogonalizing would mix the rows of tokens that were not seen), the lm_head a classifier over the
+        # vocabulary, the gains and biases no matrices at all: for those Adam stays the standard (Keller Jordan's
+        # write-up, modded-nanogpt, nanochat).
+        # The default lrs are nanochat's, tuned at n_embd 768 (matrix 0.02, embedding 0.2, unembedding 0.004; its
+        # AdamW ones scale as (n_embd / 768) ** -0.5, which the caller applies), and modded-nanogpt's 0.04 for its
+        # scalar parameters. The head's lr is 50x below the embedding's: a head update moves every logit of every
+        # position, a wte row only its own token's input, which the blocks see through their pre-norms. A tied
+        # wte/lm_head is the head too, so it takes head_lr.
+        heads, matrices, embeddings, scalars = [], [], [], []
+        for name, p in self.named_parameters():  # a tied wte/lm_head once
+            if not p.requires_grad:
+                continue
+            if p is self.lm_head.weight:
+                heads.append(p)
+            elif name.startswith("transformer.h.") and p.dim() == 2:
+                matrices.append(p)
+            elif p.dim() >= 2:
+                embeddings.append(p)
+            else:
+                scalars.append(p)
+
+        def group(params, lr, **kw):
+            return {"params": params, "lr": lr, "lr_scale": lr / learning_rate, **kw}
+
+        # Weight decay on Muon's matrices only, decoupled (p *= 1 - lr * weight_decay every step: it follows the
+        # schedule). The AdamW groups get none: a wte row would shrink at every step but learn only when its token
+        # occurs, eroding the rare tokens, and neither nanochat nor modded-nanogpt decays embeddings or the head;
+        # gains and biases are not decayed in the AdamW default either. Muon's lr is ~30x AdamW's, and so is the decay
+        # per step for the same weight_decay: modded-nanogpt and nanochat use 0.
+        # Nesterov momentum, Keller Jordan's quintic Newton-Schulz (5 steps) and his lr adjustment
+        # (lr * sqrt(max(1, fan_out / fan_in)): the same update RMS for tall matrices) are torch's defaults.
+        muon = torch.optim.Muon([group(matrices, muon_lr, weight_decay=weight_decay)], momentum=muon_momentum,
+                                nesterov=True)
+        adam_groups = [group(ps, lr, weight_decay=0.0) for ps, lr in
+                       ((heads, head_lr), (embeddings, embedding_lr), (scalars, scalar_lr)) if ps]  # no empty groups
+        adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=eps, **({"fused": True} if fused else {}))
         if verbose:
-            print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
-                  f"undecayed tensors: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters), "
-                  f"fused AdamW: {fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
+            print(f"Muon: {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters), lr {muon_lr}, "
+                  f"weight decay {weight_decay}; AdamW (fused: {fused}): " + ", ".join(
+                      f"{len(g['params'])} tensors ({sum(p.numel() for p in g['params']):,} parameters) lr {g['lr']}"
+                      for g in adam_groups))
+        return MuonAdamW(muon, adamw)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):

@@ -46,11 +46,11 @@ class TrainConfig:
                            "edufineweb_{train,val}_NNNNNN.npy token shards: by default where fineweb.py writes them, "
                            "next to this script", section="data and output")
     log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
-    n_layer: int = option(12, "", section="model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = "
+    n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = "
                                           "393 * 128, a friendlier size for the GPU")
-    n_head: int = option(12, "")
-    n_embd: int = option(768, "")
-    vocab_size: int = option(50304, "")
+    n_head: int = option(12, "attention heads (n_embd must be a multiple)")
+    n_embd: int = option(768, "width of the residual stream")
+    vocab_size: int = option(50304, "rows of the token embedding (GPT-2's 50257, padded)")
     block_size: int = option(1024, "sequence length T")
     init_from: str = option("scratch", "\"scratch\", or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers "
                                        "directory")
@@ -58,37 +58,37 @@ class TrainConfig:
                              section="batch: total_batch_size tokens per optimizer step = batch_size * block_size * "
                                      "processes * grad_accum_steps")
     total_batch_size: int = option(524288, "2**19 tokens, GPT-3 small's 0.5M batch")
-    max_lr: float = option(6e-4, "", section="optimizer: AdamW, linear warmup then cosine decay to min_lr at "
+    max_lr: float = option(6e-4, "peak learning rate, reached at the end of warmup", section="optimizer: AdamW, linear warmup then cosine decay to min_lr at "
                                              "max_steps (GPT-3 small's schedule)")
-    min_lr: float = option(6e-5, "")
+    min_lr: float = option(6e-5, "learning rate at max_steps and after (max_lr / 10)")
     warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
     max_steps: int = option(19073, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
-    weight_decay: float = option(0.1, "")
-    beta1: float = option(0.9, "")
+    weight_decay: float = option(0.1, "on matrices and embeddings only")
+    beta1: float = option(0.9, "AdamW's betas and eps (GPT-3's)")
     beta2: float = option(0.95, "")
     eps: float = option(1e-8, "")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    val_every: int = option(250, "", section="evaluation and checkpoints, every N steps and at the last step (0: "
+    val_every: int = option(250, "val loss", section="evaluation and checkpoints, every N steps and at the last step (0: "
                                              "never; the final checkpoint is always saved)")
     val_tokens: int = option(10485760, "validation tokens from the val shard, whatever the number of processes "
                                        "(160 x 64K)")
-    hellaswag_every: int = option(250, "")
+    hellaswag_every: int = option(250, "HellaSwag acc_norm")
     hellaswag_data: str = option("", "a local hellaswag_val.jsonl, or \"\" to download it once")
     hellaswag_limit: int = option(0, "score the first N examples only (0: all 10,042)")
-    sample_every: int = option(250, "")
-    sample_prompt: str = option("Hello, I'm a language model,", "")
-    num_samples: int = option(4, "")
+    sample_every: int = option(250, "text samples from the model")
+    sample_prompt: str = option("Hello, I'm a language model,", "what the samples continue (empty: from <|endoftext|>)")
+    num_samples: int = option(4, "samples each time")
     sample_length: int = option(32, "new tokens per sample")
-    checkpoint_every: int = option(1000, "")
+    checkpoint_every: int = option(1000, "for an exact resume (Ctrl-C and SIGTERM save one too)")
     keep_checkpoints: int = option(3, "the newest N checkpoints are kept (0: all)")
     resume: str = option("auto", "\"auto\": the newest checkpoint in log_dir if any; a checkpoint path; \"\": a fresh "
                                  "run")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", section="system")
     compile: bool = option(True, "torch.compile the model (cuda and cpu; ignored on mps)")
-    seed: int = option(1337, "")
-    wandb_log: bool = option(False, "")
+    seed: int = option(1337, "the initial weights and the samples")
+    wandb_log: bool = option(False, "also log to Weights & Biases (pip install wandb)")
     wandb_project: str = option("gpt2-fineweb-edu", "")
-    wandb_run_name: str = option("", "")
+    wandb_run_name: str = option("", "\"\": wandb picks one")
 
 
 # the TrainConfig fields that are the model's architecture (GPTConfig's), taken from the model on resume/init_from;

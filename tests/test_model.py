@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, KVCache, apply_rope, rope_tables
+from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, KVCache, MuonAdamW, apply_rope, rope_tables
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -432,3 +432,151 @@ def test_non_gpt2_activation_is_refused(tmp_path):
                                activation_function="relu")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function='relu'"):
         GPT.from_pretrained(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# the optimizers: AdamW (GPT-2's, the default) and Muon + AdamW (--recipe=fast)
+
+MUON_LRS = dict(muon_lr=0.02, embedding_lr=0.2, head_lr=0.004, scalar_lr=0.04)
+
+
+def muon_optimizer(model, learning_rate=0.02, weight_decay=0.0):
+    return model.configure_optimizers(weight_decay, learning_rate, (0.8, 0.95), 1e-10, "cpu", optimizer="muon",
+                                      **MUON_LRS)
+
+
+def set_lr(optimizer, lr):
+    """train_step's rule: every group at the schedule's lr times its lr_scale (none: 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def ids(params):
+    return [id(p) for p in params]  # tensors compare elementwise: compare them by identity
+
+
+def test_default_optimizer_is_gpt2_adamw():
+    model = GPT(GPTConfig(**TINY))
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
+    assert type(opt) is torch.optim.AdamW
+    params = list(model.parameters())
+    assert [ids(g["params"]) for g in opt.param_groups] == [ids(p for p in params if p.dim() >= 2),
+                                                            ids(p for p in params if p.dim() < 2)]
+    assert all(g["lr"] == 6e-4 and "lr_scale" not in g for g in opt.param_groups)
+    explicit = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu", optimizer="adamw")
+    assert explicit.state_dict() == opt.state_dict()
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'muon'"):
+        model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu", optimizer="sgd")
+
+
+@pytest.mark.parametrize("switches", [{}, FAST], ids=["gpt2", "fast"])
+def test_muon_gets_the_block_matrices_adamw_the_rest(switches, capsys):
+    model = GPT(GPTConfig(**SMALL, **switches))
+    opt = muon_optimizer(model, learning_rate=1e-3, weight_decay=0.05)
+    assert isinstance(opt, MuonAdamW) and capsys.readouterr().out == ""
+    assert type(opt.muon) is torch.optim.Muon and type(opt.adamw) is torch.optim.AdamW
+    assert opt.param_groups == opt.muon.param_groups + opt.adamw.param_groups
+    matrices = [m.weight for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    muon, *adam = opt.param_groups
+    assert sorted(ids(muon["params"])) == sorted(ids(matrices))
+    assert muon["lr"] == 0.02 and muon["weight_decay"] == 0.05 and muon["momentum"] == 0.95 and muon["nesterov"]
+    # the head (the tied wte too), the embeddings, the gains and biases: each parameter in exactly one group
+    head, embeddings, scalars = adam
+    assert ids(head["params"]) == [id(model.lm_head.weight)] and head["lr"] == 0.004
+    expected = [] if model.config.tie_embeddings else [model.transformer.wte.weight]
+    expected += [model.transformer.wpe.weight] if "wpe" in model.transformer else []
+    assert ids(embeddings["params"]) == ids(expected) and embeddings["lr"] == 0.2
+    assert all(p.dim() == 1 for p in scalars["params"]) and scalars["lr"] == 0.04
+    assert all(g["weight_decay"] == 0.0 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 for g in adam)
+    everything = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(everything) == sorted(ids(model.parameters()))  # parameters() yields a tied matrix once
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    for g in opt.param_groups:
+        assert_close(g["lr_scale"], g["lr"] / 1e-3)
+    model.configure_optimizers(0.0, 0.02, (0.8, 0.95), 1e-10, "cpu", verbose=True, optimizer="muon")
+    assert "Muon: 8 matrices" in capsys.readouterr().out
+
+
+def test_muon_trains_the_fast_model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **FAST))
+    opt = muon_optimizer(model)
+    x, y = pattern_batch()
+    losses = []
+    for _ in range(15):
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        set_lr(opt, 0.02)
+        opt.step()
+        losses.append(loss.item())
+    assert_close(losses[0], math.log(256))  # zero_init, untied: the uniform distribution
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_lr_scale_gives_every_group_its_own_lr():
+    """The schedule's lr times lr_scale is each group's lr: a step of MuonAdamW at schedule lr 0.25 * learning_rate
+    is a step of torch's Muon and AdamW built with a quarter of muon_lr, head_lr, embedding_lr and scalar_lr."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **FAST))
+    ref = GPT(GPTConfig(**SMALL, **FAST))
+    ref.load_state_dict(model.state_dict())
+    opt = muon_optimizer(model, learning_rate=1e-3, weight_decay=0.1)
+    set_lr(opt, 0.25e-3)
+    assert [g["lr"] for g in opt.param_groups] == [0.25 * lr for lr in (0.02, 0.004, 0.2, 0.04)]
+    r = dict(ref.named_parameters())
+    blocks = [p for n, p in r.items() if n.startswith("transformer.h.") and p.dim() == 2]
+    ref_muon = torch.optim.Muon(blocks, lr=0.25 * 0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
+    ref_adamw = torch.optim.AdamW([{"params": [r["lm_head.weight"]], "lr": 0.25 * 0.004},
+                                   {"params": [r["transformer.wte.weight"]], "lr": 0.25 * 0.2},
+                                   {"params": [p for p in r.values() if p.dim() == 1], "lr": 0.25 * 0.04}],
+                                  betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    x, y = pattern_batch()
+    for _ in range(2):  # two steps: zero_init leaves c_fc's first gradient at 0
+        for m, opts in ((model, [opt]), (ref, [ref_muon, ref_adamw])):
+            _, loss = m(x, y)
+            loss.backward()
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        assert_close(p, r[name], rtol=1e-6, atol=0, msg=name)
+    assert not torch.equal(model.lm_head.weight, torch.zeros_like(model.lm_head.weight))  # it did learn
+
+
+def test_muon_state_dict_resumes_exactly(tmp_path):
+    """state_dict -> torch.save -> torch.load(weights_only=True) -> a fresh optimizer (as checkpoints load it): the
+    next steps give bitwise the parameters and state of the run that went on, at the lrs set after loading."""
+    from checkpoints import load_optimizer_state
+
+    torch.manual_seed(0)
+    x, y = pattern_batch()
+    model = GPT(GPTConfig(**SMALL, **FAST))
+    opt = muon_optimizer(model)
+
+    def step(m, o, lr):
+        o.zero_grad(set_to_none=True)
+        _, loss = m(x, y)
+        loss.backward()
+        set_lr(o, lr)
+        o.step()
+
+    for i in range(3):
+        step(model, opt, 0.02 * (1 - i / 10))
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = GPT(GPTConfig(**SMALL, **FAST))
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = muon_optimizer(resumed)
+    load_optimizer_state(resumed_opt, saved["optimizer"])
+    for i in range(3, 5):  # lrs the checkpoint never saw: set through param_groups after the load
+        step(model, opt, 0.02 * (1 - i / 10))
+        step(resumed, resumed_opt, 0.02 * (1 - i / 10))
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    a, b = opt.state_dict(), resumed_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, state in a["state"].items():
+        assert state.keys() == b["state"][i].keys()
+        assert all(torch.equal(v, b["state"][i][k]) for k, v in state.items()), i
+    assert len(a["state"]) == len(list(model.parameters()))  # Muon's momenta and AdamW's moments, one id each
