@@ -91,7 +91,7 @@ def main(argv=None):
         bc = parse_args(mine, BenchConfig)
         if bc.steps < 1 or bc.warmup < 0:
             raise ConfigError(f"need --steps >= 1 and --warmup >= 0, got {bc.steps} and {bc.warmup}")
-        r = bench(parse_args(theirs, train_gpt2.TrainConfig), bc)
+        r = bench(train_gpt2.parse_config(theirs), bc)
     except ConfigError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2

@@ -36,34 +36,64 @@ from checkpoints import (append_log, checkpoint_path, compare_configs, find_chec
                          prune_checkpoints, save_checkpoint, set_rng_state)
 from fineweb import shard_pattern
 from model import GPT, GPT2_VOCAB_SIZE, REFERENCES, GPTConfig
-from runtime import (ConfigError, StopSignal, autocast, dist_from_env, get_device, init_distributed, option,
-                     parse_args, peak_flops, setup_precision, usage)
+from runtime import (GB, ConfigError, StopSignal, autocast, dist_from_env, fits_on_gpu, get_device, init_distributed,
+                     largest_fitting, memory_budget, option, parse_args, peak_flops, setup_precision,
+                     train_memory_bytes, usage)
+
+
+def auto_or_int(text):
+    """--batch_size's values: "auto" or a whole number of sequences."""
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
+auto_or_int.__name__ = "'auto' or int"  # how --help and parse_args' errors name an option's type
 
 
 @dataclass
 class TrainConfig:
+    recipe: str = option("gpt2", "gpt2: the GPT-3 small recipe, every default below; fast: the modern recipe, "
+                                 "whose defaults are listed at the end (an option given explicitly still wins)",
+                         section="recipe")
     data_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B"),
                            "edufineweb_{train,val}_NNNNNN.npy token shards: by default where fineweb.py writes them, "
                            "next to this script", section="data and output")
     log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
-    n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = "
-                                          "393 * 128, a friendlier size for the GPU")
+    n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small; the vocabulary is GPT-2's 50257 "
+                                                            "padded to 50304 = 393 * 128, a friendlier size for the GPU")
     n_head: int = option(12, "attention heads (n_embd must be a multiple)")
     n_embd: int = option(768, "width of the residual stream")
     vocab_size: int = option(50304, "rows of the token embedding (GPT-2's 50257, padded)")
     block_size: int = option(1024, "sequence length T")
     init_from: str = option("scratch", "\"scratch\", or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers "
                                        "directory")
-    batch_size: int = option(64, "micro-batch per process, in sequences",
-                             section="batch: total_batch_size tokens per optimizer step = batch_size * block_size * "
-                                     "processes * grad_accum_steps")
+    norm: str = option("layernorm", "layernorm | rmsnorm", section="model: architecture switches, GPT-2's by default "
+                                                                   "(model.GPTConfig)")
+    mlp: str = option("gelu", "gelu | swiglu | relu2")
+    pos_emb: str = option("learned", "learned | rope")
+    qk_norm: bool = option(False, "RMS-normalize each head's q and k")
+    tie_embeddings: bool = option(True, "one matrix for the token embedding and the output head")
+    bias: bool = option(True, "biases in the linear layers and layer norms")
+    logit_softcap: float = option(0.0, "cap * tanh(logits / cap) (0: off)")
+    zero_init: bool = option(False, "residual projections (and an untied head) start at zero")
+    batch_size: auto_or_int = option("auto", "micro-batch per process, in sequences; auto: the largest one up to 64 "
+                                             "that fits in memory (a resumed run keeps its own while it fits)",
+                                     section="batch: total_batch_size tokens per optimizer step = batch_size * "
+                                             "block_size * processes * grad_accum_steps")
     total_batch_size: int = option(524288, "2**19 tokens, GPT-3 small's 0.5M batch")
-    max_lr: float = option(6e-4, "peak learning rate, reached at the end of warmup", section="optimizer: AdamW, linear warmup then cosine decay to min_lr at "
-                                             "max_steps (GPT-3 small's schedule)")
+    optimizer: str = option("adamw", "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)",
+                            section="optimizer: AdamW, linear warmup then cosine decay to min_lr at max_steps "
+                                    "(GPT-3 small's schedule)")
+    max_lr: float = option(6e-4, "peak learning rate, reached at the end of warmup (muon: the matrices')")
     min_lr: float = option(6e-5, "learning rate at max_steps and after (max_lr / 10)")
+    embedding_lr: float = option(0.2, "muon only: the AdamW peak lr of the token (and position) embeddings")
+    head_lr: float = option(0.004, "muon only: the AdamW peak lr of the output head")
+    scalar_lr: float = option(0.04, "muon only: the AdamW peak lr of norm gains and biases")
+    schedule: str = option("cosine", "cosine (warmup, cosine decay) | warmdown (warmup, constant, then linear decay "
+                                     "over the last warmdown_frac of the steps)")
+    warmdown_frac: float = option(0.4, "warmdown only: the fraction of max_steps spent decaying to min_lr")
     warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
     max_steps: int = option(19073, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
-    weight_decay: float = option(0.1, "on matrices and embeddings only")
+    weight_decay: float = option(0.1, "on matrices and embeddings only (muon: on the matrices only)")
     beta1: float = option(0.9, "AdamW's betas and eps (GPT-3's)")
     beta2: float = option(0.95, "")
     eps: float = option(1e-8, "")
@@ -91,6 +121,35 @@ class TrainConfig:
     wandb_run_name: str = option("", "\"\": wandb picks one")
 
 
+def recipe_defaults(recipe, cfg):
+    """{option: value} that a recipe sets instead of TrainConfig's defaults, for a model as wide as cfg's.
+
+    fast: the modern small-model recipe of modded-nanogpt and nanochat. The block: RMSNorm without biases, rotary
+    positions, RMS-normalized q and k, ReLU² MLP, a logit soft-cap, an untied head, residual projections and head
+    starting at zero. The optimizer: Muon for the blocks' matrices (its lr is max_lr), AdamW (betas 0.8, 0.95) for the
+    embeddings, the head and the vectors, no weight decay. The schedule: no warmup, constant, then a linear warmdown
+    to 0 over the last 40% of the steps. AdamW's lrs shrink as 1/sqrt(width) (nanochat's rule, lrs tuned at 768
+    wide), so the same --recipe=fast serves a laptop-size model and GPT-2 small and beyond."""
+    if recipe == "gpt2":
+        return {}
+    if recipe != "fast":
+        raise ConfigError(f"--recipe must be gpt2 or fast, got {recipe!r}")
+    width_scale = (cfg.n_embd / 768) ** -0.5
+    return dict(norm="rmsnorm", mlp="relu2", pos_emb="rope", qk_norm=True, tie_embeddings=False, bias=False,
+                logit_softcap=15.0, zero_init=True,
+                optimizer="muon", max_lr=0.02, min_lr=0.0, embedding_lr=0.2 * width_scale,
+                head_lr=0.004 * width_scale, scalar_lr=0.04 * width_scale, weight_decay=0.0, beta1=0.8, beta2=0.95,
+                eps=1e-10, schedule="warmdown", warmdown_frac=0.4, warmup_steps=0)
+
+
+def parse_config(argv):
+    """The TrainConfig of `--name=value` arguments: TrainConfig's defaults, replaced by the recipe's (--recipe), replaced
+    by the options given."""
+    cfg = parse_args(argv, TrainConfig)
+    given = {arg[2:].split("=", 1)[0] for arg in argv}
+    return dataclasses.replace(cfg, **{k: v for k, v in recipe_defaults(cfg.recipe, cfg).items() if k not in given})
+
+
 # the TrainConfig fields that are the model's architecture (GPTConfig's), taken from the model on resume/init_from;
 # block_size stays the option: the training sequence length may be shorter than the model's positions
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)
@@ -101,11 +160,16 @@ ERROR_PREFIX = f"{SCRIPT}: error:"
 
 
 def check_config(cfg, world_size):
-    """Raise ConfigError for a setting that can't work; return grad_accum_steps."""
-    positive = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "batch_size", "total_batch_size",
-                "max_steps", "num_samples", "sample_length")
+    """Raise ConfigError for a setting that can't work; return grad_accum_steps (None for --batch_size=auto, which
+    setup resolves)."""
+    auto = cfg.batch_size == "auto"
+    if not auto and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
+        raise ConfigError(f"--batch_size must be 'auto' or > 0, got {cfg.batch_size!r}")
+    positive = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "total_batch_size", "max_steps",
+                "num_samples", "sample_length")
     non_negative = ("warmup_steps", "val_every", "hellaswag_every", "hellaswag_limit", "sample_every",
-                    "checkpoint_every", "keep_checkpoints", "weight_decay", "grad_clip", "min_lr")
+                    "checkpoint_every", "keep_checkpoints", "weight_decay", "grad_clip", "min_lr", "embedding_lr",
+                    "head_lr", "scalar_lr", "logit_softcap")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(cfg, name)}")
@@ -118,17 +182,30 @@ def check_config(cfg, world_size):
         raise ConfigError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {cfg.beta1}, {cfg.beta2}, {cfg.eps}")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    try:  # the architecture switches, checked by the model's own config
+        GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.optimizer not in ("adamw", "muon") or cfg.schedule not in ("cosine", "warmdown"):
+        raise ConfigError(f"need --optimizer adamw or muon and --schedule cosine or warmdown, got {cfg.optimizer!r} "
+                          f"and {cfg.schedule!r}")
+    if not 0 <= cfg.warmdown_frac <= 1:
+        raise ConfigError(f"--warmdown_frac must be in [0, 1], got {cfg.warmdown_frac}")
     if cfg.device not in ("auto", "cuda", "mps", "cpu"):
         raise ConfigError(f"--device must be auto, cuda, mps or cpu, got {cfg.device!r}")
     if not cfg.init_from:
         raise ConfigError("--init_from must be 'scratch' or a GPT-2 model name / directory")
-    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    # auto: some micro-batch must split the batch, so at least 1 (which splits it if any does)
+    batch_size = 1 if auto else cfg.batch_size
+    tail = " (--batch_size=auto: not even for batch_size 1)" if auto else ""
+    tokens_per_micro_step = batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % tokens_per_micro_step:
         raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
-                          f"processes = {cfg.batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro_step}")
-    if cfg.val_every and cfg.val_tokens % (cfg.batch_size * cfg.block_size):
+                          f"processes = {batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro_step}"
+                          + tail)
+    if cfg.val_every and cfg.val_tokens % (batch_size * cfg.block_size):
         raise ConfigError(f"val_tokens {cfg.val_tokens} is not a multiple of batch_size * block_size = "
-                          f"{cfg.batch_size * cfg.block_size}")
+                          f"{batch_size * cfg.block_size}" + tail)
     if cfg.val_every and cfg.val_tokens <= 0:
         raise ConfigError(f"--val_tokens must be > 0, got {cfg.val_tokens}")
     # sampling and HellaSwag speak GPT-2 BPE: a scratch model needs every GPT-2 token id (from_pretrained's has them)
@@ -137,16 +214,39 @@ def check_config(cfg, world_size):
                           "sampling and HellaSwag need the GPT-2 vocabulary; set --sample_every=0 --hellaswag_every=0")
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb_log=true needs wandb: pip install wandb")
-    return cfg.total_batch_size // tokens_per_micro_step
+    return None if auto else cfg.total_batch_size // tokens_per_micro_step
 
 
-def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps):
-    """Learning rate of optimizer step `step` (0-based): linear warmup to max_lr, then cosine decay to min_lr."""
+# --batch_size=auto tries at most the recipe's micro-batch, build-nanogpt's 64 x 1024 tokens: it fills an H100, so a
+# larger one would buy no speed, only memory (and larger eval batches)
+MAX_AUTO_BATCH_SIZE = 64
+
+
+def splits_batch(cfg, world_size, batch_size):
+    """Whether micro-batches of batch_size sequences make up total_batch_size in whole micro-steps of every process
+    (and val_tokens in whole batches, where val is on)."""
+    return (cfg.total_batch_size % (batch_size * cfg.block_size * world_size) == 0
+            and not (cfg.val_every and cfg.val_tokens % (batch_size * cfg.block_size)))
+
+
+def batch_size_candidates(cfg, world_size):
+    """The micro-batches --batch_size=auto chooses from, largest first."""
+    return [b for b in range(MAX_AUTO_BATCH_SIZE, 0, -1) if splits_batch(cfg, world_size, b)]
+
+
+def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", warmdown_frac=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup to max_lr, then cosine decay to min_lr at
+    max_steps; or, for schedule "warmdown", max_lr until the last warmdown_frac of the steps, then linear to min_lr."""
     if step < warmup_steps:
         # (step + 1): step 0 already learns at max_lr / warmup_steps, and step warmup_steps - 1 at max_lr
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
+    if schedule == "warmdown":
+        decay_start = max_steps - round(warmdown_frac * max_steps)
+        if step < decay_start:
+            return max_lr
+        return max_lr + (step - decay_start) / (max_steps - decay_start) * (min_lr - max_lr)  # max_lr -> min_lr
     decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
@@ -291,7 +391,7 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
     # With max_norm=inf the clip coefficient clamps to 1: the gradients stay as they are, the norm is still measured.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon+AdamW: each group its own peak (model.MuonAdamW)
     optimizer.step()
     return loss_accum, grad_norm
 
@@ -392,8 +492,14 @@ def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
     raw_model.to(device)
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type,
-                                               verbose=d.master)
+                                               verbose=d.master, optimizer=cfg.optimizer, muon_lr=cfg.max_lr,
+                                               embedding_lr=cfg.embedding_lr, head_lr=cfg.head_lr,
+                                               scalar_lr=cfg.scalar_lr)
     if checkpoint is not None:
+        trained_with = checkpoint["train_config"].get("optimizer", "adamw")
+        if trained_with != cfg.optimizer:
+            raise ConfigError(f"{checkpoint_path}: trained with --optimizer={trained_with}, not {cfg.optimizer}: its "
+                              "optimizer state is that optimizer's (pick another --log_dir for a new run)")
         load_optimizer_state(optimizer, checkpoint["optimizer"])
     use_compile = cfg.compile and device.type != "mps"
     if cfg.compile and not use_compile:
@@ -548,7 +654,7 @@ def train(cfg, d):
             t0 = time.perf_counter()
             batches = [loader.next_batch() for _ in range(s.grad_accum_steps)]
             lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                        max_steps=cfg.max_steps)
+                        max_steps=cfg.max_steps, schedule=cfg.schedule, warmdown_frac=cfg.warmdown_frac)
             loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
                                          device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp)
             loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
@@ -592,11 +698,14 @@ def train(cfg, d):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, TrainConfig, "at the top of train_gpt2.py"))
+        fast = recipe_defaults("fast", TrainConfig())
+        print(usage(__doc__, TrainConfig, "at the top of train_gpt2.py") + "\n\n  --recipe=fast sets (for the default "
+              "n_embd 768; the AdamW lrs scale as (768 / n_embd) ** 0.5):\n    " +
+              " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
         return 0
     d = dist_from_env()
     try:
-        return run(parse_args(argv, TrainConfig), d)
+        return run(parse_config(argv), d)
     except ConfigError as e:
         if d.master or e.every_rank:
             print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)

@@ -17,11 +17,10 @@ import torch
 from torch.testing import assert_close
 
 import checkpoints
-import runtime
 import train_gpt2
 from conftest import ROOT
 from model import GPT, GPTConfig
-from train_gpt2 import TokenStream, TrainConfig, TrainLoader, get_lr, main
+from train_gpt2 import TokenStream, TrainLoader, get_lr, main
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 VOCAB = 256  # small vocabulary: fast steps (runs with sampling / HellaSwag use GPT-2's)
@@ -30,7 +29,11 @@ PERIOD = 199  # the generated text repeats a permutation of PERIOD distinct toke
 
 
 def parse_args(argv):
-    return runtime.parse_args(argv, TrainConfig)
+    return train_gpt2.parse_config(argv)
+
+
+# tiny_args' max_lr/min_lr/warmup_steps are the GPT-2 recipe's at tiny size: the fast recipe keeps its own
+FAST_LRS = {"gpt2": {}, "fast": dict(max_lr=0.02, min_lr=0.0, warmup_steps=0)}
 
 
 def write_shards(data_dir, train_sizes=(3000, 2100), val_size=2000, vocab=VOCAB, seed=0):
@@ -348,11 +351,13 @@ def test_resume_guards(data_dir, tmp_path, capsys):
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))]
 
 
-def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["gpt2", "fast"])
+def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path, recipe):
     """A run killed with SIGKILL mid-way and resumed with --resume=auto logs exactly what an unbroken run logs and
-    ends with bitwise-identical weights and optimizer state."""
+    ends with bitwise-identical weights and optimizer state (fast: Muon's and AdamW's)."""
     steps = 150
-    common = dict(max_steps=steps, checkpoint_every=10, val_every=25, keep_checkpoints=2)
+    common = dict(max_steps=steps, checkpoint_every=10, val_every=25, keep_checkpoints=2, recipe=recipe,
+                  **FAST_LRS[recipe])
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     proc = subprocess.Popen([sys.executable, SCRIPT, *tiny_args(data_dir, broken, **common)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
@@ -389,9 +394,11 @@ def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path):
     assert a["loader"] == b["loader"]
 
 
-def test_ddp_two_processes_equal_one_process_accumulating(data_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["gpt2", "fast"])
+def test_ddp_two_processes_equal_one_process_accumulating(data_dir, tmp_path, recipe):
     """torchrun with 2 processes of micro-batch B == 1 process accumulating 2 micro-batches of B."""
-    common = dict(max_steps=10, total_batch_size=256, batch_size=4, val_every=5, checkpoint_every=0)
+    common = dict(max_steps=10, total_batch_size=256, batch_size=4, val_every=5, checkpoint_every=0, recipe=recipe,
+                  **FAST_LRS[recipe])
     ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              SCRIPT, *tiny_args(data_dir, ddp_dir, **common)],
@@ -434,7 +441,8 @@ def test_ranks_resuming_different_steps_is_an_error(tmp_path):
         assert f"rank {rank}: the ranks found different checkpoints to resume (steps 0 to 10)" in result.stdout
 
 
-def test_compile_on_cpu_matches_eager(tmp_path, capsys):
+@pytest.mark.parametrize("recipe", ["gpt2", "fast"])
+def test_compile_on_cpu_matches_eager(tmp_path, capsys, recipe):
     data = write_shards(tmp_path / "data", vocab=50257)
     examples = tmp_path / "hellaswag.jsonl"
     examples.write_text(json.dumps({"ctx": "A cat", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
@@ -442,13 +450,20 @@ def test_compile_on_cpu_matches_eager(tmp_path, capsys):
     for compiled in (False, True):
         log_dir = str(tmp_path / f"log_{compiled}")
         assert main(tiny_args(data, log_dir, vocab_size=50304, compile=compiled, max_steps=3, val_every=2,
-                              hellaswag_every=2, hellaswag_data=examples, sample_every=2, sample_length=4)) == 0
+                              hellaswag_every=2, hellaswag_data=examples, sample_every=2, sample_length=4,
+                              recipe=recipe, **FAST_LRS[recipe])) == 0
         runs[compiled] = read_log(log_dir)
-    for kind in ("train", "val"):
+    for kind in ("train", "val", "hella"):
         eager, compiled = losses(runs[False], kind), losses(runs[True], kind)
-        assert sorted(eager) == sorted(compiled)
+        assert sorted(eager) == sorted(compiled) and eager
         assert all(math.isclose(eager[s], compiled[s], abs_tol=1e-4) for s in eager)
-    assert '"compile": true' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"compile": true' in out and out.count("| sample ") == 2 * 3 * 4  # 2 runs, steps 0, 2, 3, 4 each
+    # hellaswag.py --model scores the checkpoint as the run's last eval did
+    import hellaswag
+
+    hellaswag.main(["--model", os.path.join(log_dir, "model_00003.pt"), "--data", str(examples), "--device", "cpu"])
+    assert f"acc_norm={losses(runs[True], 'hella')[3]:.4f}" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -603,3 +618,66 @@ def test_empty_sample_prompt_samples_from_endoftext(tmp_path, capsys):
     assert main(args) == 0
     samples = [line for line in capsys.readouterr().out.splitlines() if "| sample " in line]
     assert len(samples) == 4 and all(s.split(": ", 1)[1].startswith("'<|endoftext|>") for s in samples)
+
+
+
+# -----------------------------------------------------------------------------
+# recipes: the GPT-2 default exactly as it was, --recipe=fast's resolved values
+
+def test_gpt2_recipe_is_bit_for_bit_what_it_was(data_dir, tmp_path):
+    """The log of a fixed tiny run, as the code before the architecture switches, Muon and the recipes wrote it (its
+    final weights and optimizer state were also compared bitwise then)."""
+    assert main(tiny_args(data_dir, str(tmp_path / "log"), max_steps=12, val_every=6, checkpoint_every=0)) == 0
+    assert read_log(tmp_path / "log") == (
+        "0 val 5.5591\n0 train 5.557476\n1 train 5.533760\n2 train 5.497015\n3 train 5.443151\n4 train 5.374258\n"
+        "5 train 5.295311\n6 val 5.2118\n6 train 5.225090\n7 train 5.154487\n8 train 5.099895\n9 train 5.054716\n"
+        "10 train 5.021695\n11 train 5.007159\n12 val 4.9791\n")
+
+
+def test_recipes_resolve_their_defaults(tmp_path):
+    assert parse_args([]) == train_gpt2.TrainConfig() == parse_args(["--recipe=gpt2"])
+    fast = parse_args(["--recipe=fast"])
+    assert (fast.norm, fast.mlp, fast.pos_emb, fast.qk_norm, fast.tie_embeddings, fast.bias, fast.logit_softcap,
+            fast.zero_init) == ("rmsnorm", "relu2", "rope", True, False, False, 15.0, True)
+    assert (fast.optimizer, fast.max_lr, fast.min_lr, fast.schedule, fast.warmdown_frac, fast.warmup_steps,
+            fast.weight_decay) == ("muon", 0.02, 0.0, "warmdown", 0.4, 0, 0.0)
+    assert (fast.embedding_lr, fast.head_lr, fast.scalar_lr) == (0.2, 0.004, 0.04)
+    # an option given explicitly wins; the AdamW lrs follow the width (nanochat's 1/sqrt(d_model) rule)
+    narrow = parse_args(["--recipe=fast", "--n_embd=192", "--n_head=3", "--max_lr=0.01", "--head_lr=0.001"])
+    assert (narrow.max_lr, narrow.head_lr, narrow.embedding_lr, narrow.scalar_lr) == (0.01, 0.001, 0.4, 0.08)
+    assert (narrow.n_embd, narrow.pos_emb) == (192, "rope")
+    with pytest.raises(train_gpt2.ConfigError, match="--recipe must be gpt2 or fast"):
+        parse_args(["--recipe=slow"])
+
+
+def test_warmdown_schedule():
+    kw = dict(max_lr=0.02, min_lr=0.0, warmup_steps=0, max_steps=100, schedule="warmdown", warmdown_frac=0.4)
+    assert [get_lr(s, **kw) for s in (0, 59, 60)] == [0.02, 0.02, 0.02]  # constant until the last 40 steps
+    assert get_lr(80, **kw) == pytest.approx(0.01) and get_lr(99, **kw) == pytest.approx(0.0005)
+    assert get_lr(100, **kw) == 0.0
+    assert get_lr(4, **{**kw, "warmup_steps": 10}) == pytest.approx(0.01)  # warmup as in the cosine schedule
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recipe=fast", "--mlp=geglu"], "mlp must be 'gelu', 'swiglu' or 'relu2'"),
+    (["--pos_emb=alibi"], "pos_emb must be 'learned' or 'rope'"),
+    (["--optimizer=sgd"], "need --optimizer adamw or muon"),
+    (["--warmdown_frac=1.5"], "--warmdown_frac must be in [0, 1]"),
+    (["--logit_softcap=-1"], "--logit_softcap must be >= 0"),
+])
+def test_recipe_option_errors(args, message, capsys, tmp_path):
+    assert main(args + [f"--log_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt2.py: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_fast_run_learns_and_its_config_holds_the_resolved_values(data_dir, tmp_path):
+    log_dir = str(tmp_path / "log")
+    assert main(tiny_args(data_dir, log_dir, recipe="fast", **FAST_LRS["fast"])) == 0
+    val = losses(read_log(log_dir), "val")
+    assert val[40] < val[0] - 1.5
+    saved = json.load(open(os.path.join(log_dir, "config.json")))
+    assert saved["train_config"]["optimizer"] == "muon" and saved["model_config"]["pos_emb"] == "rope"
+    assert saved["train_config"]["embedding_lr"] == pytest.approx(0.2 * (32 / 768) ** -0.5)
+    # a resume keeps its optimizer: the state in the checkpoint is Muon's and AdamW's
+    assert main(tiny_args(data_dir, log_dir, recipe="fast", optimizer="adamw", max_steps=50)) == 2
