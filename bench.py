@@ -1,6 +1,7 @@
 """Training speed of train_gpt2.py's own step on random tokens: ms/step, tokens/s, MFU and peak memory.
 
-    python bench.py                                   # GPT-2 small, 64 x 1024 micro-batches, 524,288 tokens a step
+    python bench.py                                   # GPT-2 small, 524,288 tokens a step, the largest micro-batch
+                                                      # up to 64 x 1024 that fits (train_gpt2.py's --batch_size=auto)
     python bench.py --batch_size=32 --compile=false   # any train_gpt2.py option, to measure one lever at a time
     python bench.py --device=cpu --n_layer=2 --n_head=2 --n_embd=64 --block_size=64 --batch_size=4 \
         --total_batch_size=256 --compile=false --steps=3

@@ -474,22 +474,99 @@ def check_same_step(start_step, device):
                           f"{steps[0].item()}): log_dir must be one directory that every node shares")
 
 
+def tensor_storages(obj):
+    """{address: bytes} of the storages of the tensors in nested dicts, lists and tuples (a loaded checkpoint): one
+    entry for a storage that several share (the tied wte / lm_head)."""
+    if isinstance(obj, torch.Tensor):
+        return {obj.untyped_storage().data_ptr(): obj.untyped_storage().nbytes()}
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return {address: n for item in items for address, n in tensor_storages(item).items()}
+
+
+def choose_batch_size(cfg, d, device, model, autocast_dtype, budget, kept, log):
+    """cfg with --batch_size=auto resolved: the largest candidate micro-batch that fits, kept (a resumed run's own)
+    tried first, since another split of the same batch changes the losses in their last bits and the resume would not
+    be exact. On a GPU by trial steps of model (on the device); on cpu and mps by train_memory_bytes for model's shapes
+    (it may be on the meta device) against budget, memory_budget's (bytes, description). The ranks all take the
+    smallest of their choices. Logs the choice and why; raises ConfigError where not even one sequence fits."""
+    T, n_params = cfg.block_size, model.num_params()
+    if device.type == "cuda":
+        # the run also holds AdamW's two moments (allocated by its first step) and, under DDP, buckets as large as the
+        # gradients; 5% of the GPU is headroom for the allocator's fragmentation and the evals' other shapes
+        reserve = (8 + 4 * d.ddp) * n_params + torch.cuda.get_device_properties(device).total_memory // 20
+
+        def fits(b):
+            return fits_on_gpu(model, b, T, reserve, autocast_dtype)
+    else:
+        def need(b):
+            return train_memory_bytes(model.config, n_params, b, T, attention_matrix=device.type == "mps")
+
+        def fits(b):
+            return need(b) <= budget[0]
+    first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
+    chosen, rejected = largest_fitting(batch_size_candidates(cfg, d.world_size), fits, first)
+    own = chosen
+    if d.ddp:  # the ranks must cut the batch alike: all take the smallest choice (0: none fits on some rank)
+        smallest = torch.tensor(chosen or 0, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        chosen = smallest.item() or None
+    if chosen is None and device.type == "cuda":
+        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens runs out of GPU memory in a trial step "
+                          f"(with {reserve / GB:.1f} GB reserved for the optimizer's state); train a smaller model or "
+                          "shorter sequences (--block_size)")
+    if chosen is None:
+        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens would need ~{need(1) / GB:.1f} GB, "
+                          f"{budget[1]}; train a smaller model or shorter sequences (--block_size)")
+    if device.type == "cuda":
+        why = f"{rejected[-1]} ran out of GPU memory in a trial step" if rejected else "a trial step fits in GPU memory"
+    else:
+        why = (f"{rejected[-1]} would need ~{need(rejected[-1]) / GB:.1f} GB" if rejected else
+               f"needs ~{need(chosen) / GB:.1f} GB") + f", {budget[1]}"
+    if chosen != own:
+        why += f"; another rank can take only {chosen}"
+    if kept is not None and chosen == kept:
+        why = "the checkpoint's, which still fits: the resume stays exact"
+    elif kept is not None:
+        why = (f"the checkpoint's {kept} {'no longer fits' if first else 'no longer splits the batch'}: the losses "
+               f"will differ from an unbroken run's in the last bits; {why}")
+    accum = cfg.total_batch_size // (chosen * T * d.world_size)
+    log(f"micro-batch {chosen} (auto: {why}) x {accum} accumulation steps")
+    return dataclasses.replace(cfg, batch_size=chosen)
+
+
 def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
     """Everything a training step needs, for the ranks d: the device (the local rank's GPU) and its precision, the
     process group, the model (from checkpoint, read from checkpoint_path, with its optimizer state, if given), the
     optimizer, torch.compile and the DDP wrapper. Raises ConfigError."""
-    grad_accum_steps = check_config(cfg, d.world_size)
+    check_config(cfg, d.world_size)
     device = get_device(cfg.device, d)
     init_distributed(d, device)
     if d.ddp:
         check_same_step(checkpoint["step"] if checkpoint else 0, device)
     autocast_dtype = setup_precision(device)
+    # --batch_size=auto: on cpu and mps, an estimate against the memory available, read before the run allocates
+    # anything; a checkpoint being resumed is freed once loaded into the model and optimizer, so it counts as available
+    kept = checkpoint["train_config"].get("batch_size") if checkpoint is not None else None
+    budget = None
+    if cfg.batch_size == "auto" and device.type != "cuda":
+        budget = memory_budget(device, extra=sum(tensor_storages(checkpoint).values()) if device.type == "cpu" else 0)
+        if checkpoint is None and cfg.init_from == "scratch":
+            # the shapes alone, on the meta device (no memory): a micro-batch that cannot fit is refused before the
+            # weights take any
+            with torch.device("meta"):
+                shapes = GPT(GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS}))
+            cfg = choose_batch_size(cfg, d, device, shapes, autocast_dtype, budget, kept, log)
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     try:
         raw_model, cfg = build_model(cfg, checkpoint, log)
     except ConfigError as e:
         raise ConfigError(f"{checkpoint_path}: {e}" if checkpoint else str(e)) from None
+    if budget is not None and cfg.batch_size == "auto":  # a resume, init_from: the architecture is known only now
+        cfg = choose_batch_size(cfg, d, device, raw_model, autocast_dtype, budget, kept, log)
     raw_model.to(device)
+    if cfg.batch_size == "auto":  # cuda: by trial steps on the device
+        cfg = choose_batch_size(cfg, d, device, raw_model, autocast_dtype, None, kept, log)
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * d.world_size)
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type,
                                                verbose=d.master, optimizer=cfg.optimizer, muon_lr=cfg.max_lr,

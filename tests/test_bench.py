@@ -30,6 +30,15 @@ def test_bench_prints_speed_figures():
     assert abs(int(tps.replace(",", "")) - 128 / (float(ms) / 1000)) <= 0.01 * int(tps.replace(",", "")) + 1
 
 
+def test_bench_picks_the_micro_batch_itself():
+    """Without --batch_size (auto), the largest micro-batch that fits: here the whole batch, 4 sequences."""
+    p = run_bench(*[a for a in TINY if not a.startswith("--batch_size=")], "--steps=1", "--warmup=0")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^micro-batch 4 \(auto: needs ~[\d.]+ GB, [\d.]+ GB [^()]+\) x 1 accumulation steps$", p.stdout,
+                     re.M), p.stdout
+    assert " batch=4x32x1 " in p.stdout
+
+
 def test_bench_bad_options():
     p = run_bench(*TINY, "--steps=0")
     assert p.returncode == 2 and p.stderr.strip().startswith("bench.py: error: need --steps >= 1"), p.stderr

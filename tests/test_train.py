@@ -103,9 +103,12 @@ def test_parse_args_types_and_defaults():
     assert parse_args(["--compile=1"]).compile is True and parse_args(["--compile=FALSE"]).compile is False
     default = parse_args([])
     assert (default.vocab_size, default.total_batch_size, default.batch_size, default.block_size) == (50304, 524288,
-                                                                                                      64, 1024)
+                                                                                                      "auto", 1024)
     assert (default.max_lr, default.min_lr, default.warmup_steps, default.max_steps) == (6e-4, 6e-5, 715, 19073)
-    assert train_gpt2.check_config(default, world_size=1) == 8 and train_gpt2.check_config(default, world_size=8) == 1
+    assert train_gpt2.check_config(default, world_size=1) is None  # auto: setup picks the micro-batch
+    recipe = parse_args(["--batch_size=64"])  # the recipe's micro-batch: the accumulation makes up the rest
+    assert recipe.batch_size == 64 and parse_args(["--batch_size=AUTO"]).batch_size == "auto"
+    assert train_gpt2.check_config(recipe, world_size=1) == 8 and train_gpt2.check_config(recipe, world_size=8) == 1
 
 
 @pytest.mark.parametrize("args, message", [
