@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from tokenizer import save_hf_tokenizer
+from tokenizer import ASSISTANT_END, CHAT_VOCAB_SIZE, save_hf_tokenizer
 
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary; training pads it to 50304 (a multiple of 128) for speed
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -438,7 +438,16 @@ class GPT(nn.Module):
         use_cache: run the prompt once, keeping every layer's keys and values, then feed one token per step that
         attends to them: the same tokens as use_cache=False, which feeds the whole sequence every step. Past
         block_size the window slides, every position shifts and the cache is stale: from then on each step is a
-        full forward pass over the last block_size tokens, exactly as without the cache."""
+        full forward pass over the last block_size tokens, exactly as without the cache. The sampling is stream's."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
+               num_tokens=GPT2_VOCAB_SIZE):
+        """generate's tokens one step at a time: yields the (B, 1) ids sampled at each step, so that a caller can
+        show them as they come and stop early (chat.py stops at <|assistant_end|>: closing the generator ends it).
+        num_tokens: only ids below it are sampled, GPT-2's 50257 by default; a chat model's special tokens follow
+        GPT-2's (tokenizer.CHAT_VOCAB_SIZE)."""
         block_size = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -452,8 +461,8 @@ class GPT(nn.Module):
             else:  # the newest token, at position T - 1, after the T - 1 cached ones
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
             logits = logits[:, -1, :].float()  # (B, vocab_size)
-            if self.config.vocab_size > GPT2_VOCAB_SIZE:
-                logits[:, GPT2_VOCAB_SIZE:] = -float("inf")
+            if self.config.vocab_size > num_tokens:
+                logits[:, num_tokens:] = -float("inf")
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -466,7 +475,7 @@ class GPT(nn.Module):
                 gen_device = generator.device if generator is not None else probs.device
                 next_id = torch.multinomial(probs.to(gen_device), 1, generator=generator).to(idx.device)
             idx = torch.cat((idx, next_id), dim=1)
-        return idx
+            yield next_id
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -529,10 +538,13 @@ class GPT(nn.Module):
                 v.copy_(hf_sd[k].t() if _is_conv1d_weight(k) else hf_sd[k])
         return model
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, chat=False):
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained(directory) loads
         with the same logits, and GPT-2's tokenizer files (tokenizer.py), so AutoTokenizer and pipeline() work on the
-        directory. A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens."""
+        directory. A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens.
+        chat (a chat_sft.py model): the rows up to the last chat token (tokenizer.CHAT_VOCAB_SIZE, 50263), the
+        tokenizer with the chat tokens and its chat_template, and <|assistant_end|> as the end of generation: in
+        transformers, apply_chat_template(messages, add_generation_prompt=True) then generate() answers as chat.py."""
         if not self.config.is_gpt2:
             changed = ", ".join(f"{name}={value!r}" for name, value in self.config.non_gpt2_fields().items())
             raise ValueError(f"cannot export {changed} as GPT-2: transformers' GPT2LMHeadModel has GPT-2's "
@@ -540,11 +552,17 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
-        vocab = min(c.vocab_size, GPT2_VOCAB_SIZE)
+        if chat and c.vocab_size < CHAT_VOCAB_SIZE:
+            raise ValueError(f"a chat model needs the chat tokens' rows ({CHAT_VOCAB_SIZE}), this one has "
+                             f"{c.vocab_size}: fine-tune it with chat_sft.py first")
+        vocab = CHAT_VOCAB_SIZE if chat else min(c.vocab_size, GPT2_VOCAB_SIZE)
         hf_config = GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                                n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # we train without dropout
         hf = GPT2LMHeadModel(hf_config)
+        if chat:  # generate() ends a reply where chat.py does. pad = eos: generate() then takes no prompt token
+            # for padding when it guesses an attention mask (a pad of <|endoftext|> would mask every prompt's first)
+            hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = ASSISTANT_END
         sd = {k: v.detach().to("cpu", torch.float32) for k, v in self.state_dict().items()}
         for k in ("transformer.wte.weight", "lm_head.weight"):
             sd[k] = sd[k][:vocab]
@@ -554,7 +572,7 @@ class GPT(nn.Module):
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
             hf.save_pretrained(tmp)
-            save_hf_tokenizer(tmp, model_max_length=c.block_size)  # weights and tokenizer arrive together
+            save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(directory, name))
 
