@@ -46,3 +46,13 @@ def test_bench_bad_options():
     assert p.returncode == 2 and "not a multiple" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     p = run_bench("--bogus=1")
     assert p.returncode == 2 and "unknown option --bogus" in p.stderr, p.stderr
+
+
+def test_bench_runs_the_fast_recipe():
+    """--recipe=fast's step (Muon + AdamW, the modern block) through the same setup() a training run uses."""
+    p = run_bench(*TINY, "--recipe=fast", "--steps=2", "--warmup=1")
+    assert p.returncode == 0, p.stderr
+    losses = [float(v) for v in re.findall(r"^step +\d+ \| loss ([\d.]+)", p.stdout, re.M)]
+    assert len(losses) == 3 and losses[0] > losses[-1]  # Muon moves it at once: the head starts at zero, loss ln(V)
+    params = int(re.search(r"params=([\d,]+)", p.stdout).group(1).replace(",", ""))
+    assert params > 2 * 50304 * 32  # untied: the embedding and the head
