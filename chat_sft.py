@@ -55,8 +55,8 @@ from checkpoints import (append_log, checkpoint_path, compare_configs, find_chec
                          load_optimizer_state, locked_run_dir, model_from_checkpoint, prepare_log_dir,
                          prune_checkpoints, save_checkpoint, set_rng_state)
 from model import GPT, GPT2_VOCAB_SIZE
-from runtime import (ConfigError, StopSignal, autocast, dist_from_env, get_device, init_distributed, option,
-                     parse_args, setup_precision, usage)
+from runtime import (ConfigError, StopSignal, autocast, dist_from_env, end_distributed, get_device, init_distributed,
+                     option, parse_args, setup_precision, usage)
 from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, get_chat_encoding,
                        render_conversation, render_prompt)
 from train_gpt2 import check_same_step, due, get_lr, train_step
@@ -649,8 +649,11 @@ def main(argv=None):
         print(usage(__doc__, SFTConfig, "at the top of chat_sft.py"))
         return 0
     d = dist_from_env()
+    together = False
     try:
-        return run(parse_args(argv, SFTConfig), d)
+        code = run(parse_args(argv, SFTConfig), d)
+        together = True  # every rank got here: a normal end, or one stop step agreed by all
+        return code
     except ConfigError as e:
         if d.master or e.every_rank:
             print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)
@@ -661,8 +664,7 @@ def main(argv=None):
                   "continue from it", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed(together)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,16 @@ class StopSignal:
         return int(flag.item())
 
 
+def end_distributed(together):
+    """Leave the process group, if any. together: every rank ended normally, so they first wait for each other (a
+    barrier): rank 0 may still be writing its last checkpoint, and gloo aborts a process (std::terminate, SIGABRT)
+    whose peer tears the connections down under it. Not after an error, which another rank may never reach."""
+    if dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 # -----------------------------------------------------------------------------
 # the device and its precision
 

@@ -36,9 +36,9 @@ from checkpoints import (append_log, checkpoint_path, compare_configs, find_chec
                          prune_checkpoints, save_checkpoint, set_rng_state)
 from fineweb import shard_pattern
 from model import GPT, GPT2_VOCAB_SIZE, REFERENCES, GPTConfig
-from runtime import (GB, ConfigError, StopSignal, autocast, dist_from_env, fits_on_gpu, get_device, init_distributed,
-                     largest_fitting, memory_budget, option, parse_args, peak_flops, setup_precision,
-                     train_memory_bytes, usage)
+from runtime import (GB, ConfigError, StopSignal, autocast, dist_from_env, end_distributed, fits_on_gpu, get_device,
+                     init_distributed, largest_fitting, memory_budget, option, parse_args, peak_flops,
+                     setup_precision, train_memory_bytes, usage)
 
 
 def auto_or_int(text):
@@ -58,8 +58,9 @@ class TrainConfig:
                            "edufineweb_{train,val}_NNNNNN.npy token shards: by default where fineweb.py writes them, "
                            "next to this script", section="data and output")
     log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
-    n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small; the vocabulary is GPT-2's 50257 "
-                                                            "padded to 50304 = 393 * 128, a friendlier size for the GPU")
+    n_layer: int = option(12, "transformer blocks",
+                          section="model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = 393 * 128, a "
+                                  "friendlier size for the GPU")
     n_head: int = option(12, "attention heads (n_embd must be a multiple)")
     n_embd: int = option(768, "width of the residual stream")
     vocab_size: int = option(50304, "rows of the token embedding (GPT-2's 50257, padded)")
@@ -98,8 +99,8 @@ class TrainConfig:
     beta2: float = option(0.95, "")
     eps: float = option(1e-8, "")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    val_every: int = option(250, "val loss", section="evaluation and checkpoints, every N steps and at the last step (0: "
-                                             "never; the final checkpoint is always saved)")
+    val_every: int = option(250, "val loss", section="evaluation and checkpoints, every N steps and at the last step "
+                                                     "(0: never; the final checkpoint is always saved)")
     val_tokens: int = option(10485760, "validation tokens from the val shard, whatever the number of processes "
                                        "(160 x 64K)")
     hellaswag_every: int = option(250, "HellaSwag acc_norm")
@@ -143,8 +144,8 @@ def recipe_defaults(recipe, cfg):
 
 
 def parse_config(argv):
-    """The TrainConfig of `--name=value` arguments: TrainConfig's defaults, replaced by the recipe's (--recipe), replaced
-    by the options given."""
+    """The TrainConfig of `--name=value` arguments: TrainConfig's defaults, replaced by the recipe's (--recipe),
+    replaced by the options given."""
     cfg = parse_args(argv, TrainConfig)
     given = {arg[2:].split("=", 1)[0] for arg in argv}
     return dataclasses.replace(cfg, **{k: v for k, v in recipe_defaults(cfg.recipe, cfg).items() if k not in given})
@@ -781,8 +782,11 @@ def main(argv=None):
               " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
         return 0
     d = dist_from_env()
+    together = False
     try:
-        return run(parse_config(argv), d)
+        code = run(parse_config(argv), d)
+        together = True  # every rank got here: a normal end, or one stop step agreed by all
+        return code
     except ConfigError as e:
         if d.master or e.every_rank:
             print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)
@@ -793,8 +797,7 @@ def main(argv=None):
                   "continue from it", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed(together)
 
 
 if __name__ == "__main__":
