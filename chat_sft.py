@@ -38,9 +38,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -51,18 +49,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chat import decode_stream, generate_reply, load_any_model
-from checkpoints import (append_log, checkpoint_path, compare_configs, find_checkpoint, list_checkpoints,
-                         load_optimizer_state, locked_run_dir, model_from_checkpoint, prepare_log_dir,
-                         prune_checkpoints, save_checkpoint, set_rng_state)
+from checkpoints import (append_log, compare_configs, find_checkpoint, load_optimizer_state, locked_run_dir,
+                         model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
 from model import GPT, GPT2_VOCAB_SIZE
-from runtime import (ConfigError, StopSignal, autocast, dist_from_env, end_distributed, get_device, init_distributed,
-                     option, parse_args, setup_precision, usage)
+from runtime import (ConfigError, StopSignal, autocast, dist_from_env, get_device, init_distributed, option,
+                     parse_args, script_main, setup_precision, usage)
 from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, get_chat_encoding,
                        render_conversation, render_prompt)
-from train_gpt2 import check_same_step, due, get_lr, train_step
+from train_gpt2 import check_same_step, due, finite_or_reported, get_lr, train_step
 
 SCRIPT = "chat_sft.py"
-ERROR_PREFIX = f"{SCRIPT}: error:"
 PADDED_VOCAB_SIZE = 50304  # train_gpt2.py's vocabulary: GPT-2's 50257 padded to a multiple of 128
 PAD_MULTIPLE = 64  # a micro-batch is padded to a multiple of this many tokens: few shapes for torch.compile
 VAL_SPLITS = ("validation", "test")  # a dataset's held-out split, the first found
@@ -571,13 +567,9 @@ def train(cfg, d):
         log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
 
     def save(step):
-        path = checkpoint_path(cfg.log_dir, step)
-        if d.master:
-            save_checkpoint(path, raw_model=raw_model, optimizer=optimizer, step=step, loader=loader,
-                            train_config=train_config, device=device)
-            prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints)
-            log(f"step {step:5d} | saved {path}")
-        return path
+        return save_run_checkpoint(cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master, log=log,
+                                   raw_model=raw_model, optimizer=optimizer, loader=loader, train_config=train_config,
+                                   device=device)
 
     epochs = cfg.max_steps * cfg.total_batch_size / len(train_rows)
     log(f"total batch {cfg.total_batch_size} conversations = {cfg.batch_size} x {d.world_size} process(es) x "
@@ -617,24 +609,14 @@ def train(cfg, d):
             loss, grad_norm = loss.item(), grad_norm.item()
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                saved = list_checkpoints(cfg.log_dir)
-                last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
-                if d.master:
-                    print(f"{ERROR_PREFIX} step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, "
-                          f"{last_good}", file=sys.stderr, flush=True)
+            if not finite_or_reported(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
                 return 1
             log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
                 f"{cfg.total_batch_size / dt:.1f} conversations/s")
             if d.master:
                 append_log(log_path, step, "train", loss, ".6f")
-            signum = stop.agreed(device, d.ddp)
-            if signum:
-                path = save(step + 1)
-                if d.master:
-                    print(f"{SCRIPT}: stopped at step {step + 1} ({signal.Signals(signum).name}); saved {path}; "
-                          "run the same command to continue", file=sys.stderr, flush=True)
-                return 128 + signum
+            if code := stop.stop_after(step, save, SCRIPT, device, d):  # SIGINT / SIGTERM on any rank
+                return code
     steady = step_times[1:] or step_times  # the first step includes torch.compile's work and warm-up
     if steady:
         log(f"done: {len(steady)} steps averaged {1000 * sum(steady) / len(steady):.1f} ms/step "
@@ -649,22 +631,7 @@ def main(argv=None):
         print(usage(__doc__, SFTConfig, "at the top of chat_sft.py"))
         return 0
     d = dist_from_env()
-    together = False
-    try:
-        code = run(parse_args(argv, SFTConfig), d)
-        together = True  # every rank got here: a normal end, or one stop step agreed by all
-        return code
-    except ConfigError as e:
-        if d.master or e.every_rank:
-            print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        if d.master:
-            print(f"\n{SCRIPT}: interrupted, nothing saved since the last checkpoint; run the same command to "
-                  "continue from it", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
-    finally:
-        end_distributed(together)
+    return script_main(SCRIPT, d, lambda: run(parse_args(argv, SFTConfig), d))
 
 
 if __name__ == "__main__":

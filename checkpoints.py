@@ -99,6 +99,17 @@ def save_checkpoint(path, *, raw_model, optimizer, step, loader, train_config, d
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
+def save_run_checkpoint(log_dir, step, *, keep, master, log, **state):
+    """model_{step}.pt in log_dir with save_checkpoint's state, written by rank 0 (master), which then keeps the newest
+    `keep` and logs it; every rank gets the path."""
+    path = checkpoint_path(log_dir, step)
+    if master:
+        save_checkpoint(path, step=step, **state)
+        prune_checkpoints(log_dir, keep)
+        log(f"step {step:5d} | saved {path}")
+    return path
+
+
 def prune_checkpoints(log_dir, keep):
     """Delete all but the newest `keep` checkpoints (keep 0: delete none)."""
     if keep:

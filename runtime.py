@@ -9,6 +9,7 @@ of a run directory.
 import dataclasses
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -136,6 +137,18 @@ class StopSignal:
         elif signum == signal.SIGINT and time.monotonic() - self.first_at >= self.REPEAT_AFTER:
             raise KeyboardInterrupt
 
+    def stop_after(self, step, save, script, device, d):
+        """After optimizer step `step` (0-based): if a stop was asked for on any rank, save the state of step + 1 steps
+        done (save(step) returns the checkpoint's path), say so in one line and return the exit code, 128 + the
+        signal's number (the shell's code for "ended by this signal"); else 0. Collective, as agreed()."""
+        signum = self.agreed(device, d.ddp)
+        if signum:
+            path = save(step + 1)
+            if d.master:
+                print(f"{script}: stopped at step {step + 1} ({signal.Signals(signum).name}); saved {path}; run the "
+                      "same command to continue", file=sys.stderr, flush=True)
+        return 128 + signum if signum else 0
+
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
         the same step. Collective in a distributed run (every rank calls it after every step)."""
@@ -144,6 +157,28 @@ class StopSignal:
         flag = torch.tensor([self.signum], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+def script_main(script, d, work):
+    """A training script's main() around work(), which returns the exit code: a ConfigError is one line
+    `SCRIPT: error: ...` and exit code 2; a Ctrl-C before training started (or a second one) stops at once with one
+    line and 130; the process group is left in the end, the ranks together after a normal end."""
+    together = False
+    try:
+        code = work()
+        together = True  # every rank got here: a normal end, or one stop step agreed by all
+        return code
+    except ConfigError as e:
+        if d.master or e.every_rank:
+            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: stop at once, nothing saved
+        if d.master:
+            print(f"\n{script}: interrupted, nothing saved since the last checkpoint; run the same command to "
+                  "continue from it", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    finally:
+        end_distributed(together)
 
 
 def end_distributed(together):

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import sys
 import time
 from bisect import bisect_right
@@ -31,14 +30,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from checkpoints import (append_log, checkpoint_path, compare_configs, find_checkpoint, list_checkpoints,
-                         load_optimizer_state, locked_run_dir, model_from_checkpoint, prepare_log_dir,
-                         prune_checkpoints, save_checkpoint, set_rng_state)
+from checkpoints import (append_log, compare_configs, find_checkpoint, list_checkpoints, load_optimizer_state,
+                         locked_run_dir, model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
 from fineweb import shard_pattern
 from model import GPT, GPT2_VOCAB_SIZE, REFERENCES, GPTConfig
-from runtime import (GB, ConfigError, StopSignal, autocast, dist_from_env, end_distributed, fits_on_gpu, get_device,
-                     init_distributed, largest_fitting, memory_budget, option, parse_args, peak_flops,
-                     setup_precision, train_memory_bytes, usage)
+from runtime import (GB, ConfigError, StopSignal, autocast, dist_from_env, fits_on_gpu, get_device, init_distributed,
+                     largest_fitting, memory_budget, option, parse_args, peak_flops, script_main, setup_precision,
+                     train_memory_bytes, usage)
 
 
 def auto_or_int(text):
@@ -157,7 +155,6 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)
                 if f.name in {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "block_size"]
 MAKE_SHARDS_HINT = "make them with `python fineweb.py`"
 SCRIPT = "train_gpt2.py"
-ERROR_PREFIX = f"{SCRIPT}: error:"
 
 
 def check_config(cfg, world_size):
@@ -395,6 +392,19 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon+AdamW: each group its own peak (model.MuonAdamW)
     optimizer.step()
     return loss_accum, grad_norm
+
+
+def finite_or_reported(loss, grad_norm, step, log_dir, master, script):
+    """Whether a step's loss and gradient norm are finite; if not, rank 0 prints one line naming the step and the last
+    checkpoint (left as it is), and the loop stops with exit code 1."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return True
+    saved = list_checkpoints(log_dir)
+    last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
+    if master:
+        print(f"{script}: error: step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, {last_good}",
+              file=sys.stderr, flush=True)
+    return False
 
 
 @torch.no_grad()
@@ -679,13 +689,9 @@ def train(cfg, d):
                 wandb.log({kind: value}, step=step)
 
     def save(step):
-        path = checkpoint_path(cfg.log_dir, step)
-        if d.master:
-            save_checkpoint(path, raw_model=raw_model, optimizer=s.optimizer, step=step, loader=loader,
-                            train_config=dataclasses.asdict(cfg), device=device)
-            prune_checkpoints(cfg.log_dir, cfg.keep_checkpoints)
-            log(f"step {step:5d} | saved {path}")
-        return path
+        return save_run_checkpoint(cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master, log=log,
+                                   raw_model=raw_model, optimizer=s.optimizer, loader=loader,
+                                   train_config=dataclasses.asdict(cfg), device=device)
 
     gpt2, gpt3 = REFERENCES["gpt2"], REFERENCES["gpt3"]
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
@@ -738,12 +744,7 @@ def train(cfg, d):
             loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                saved = list_checkpoints(cfg.log_dir)
-                last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
-                if d.master:
-                    print(f"{ERROR_PREFIX} step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, "
-                          f"{last_good}", file=sys.stderr, flush=True)
+            if not finite_or_reported(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
                 return 1
             tokens_per_sec = cfg.total_batch_size / dt
             log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {format_ms(dt)} | "
@@ -752,13 +753,8 @@ def train(cfg, d):
             if wandb:
                 wandb.log({"lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec}, step=step)
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
-            signum = stop.agreed(device, d.ddp)
-            if signum:
-                path = save(step + 1)
-                if d.master:
-                    print(f"{SCRIPT}: stopped at step {step + 1} ({signal.Signals(signum).name}); saved {path}; "
-                          "run the same command to continue", file=sys.stderr, flush=True)
-                return 128 + signum  # the shell's code for "ended by this signal"
+            if code := stop.stop_after(step, save, SCRIPT, device, d):
+                return code
 
     # the first step of a process includes torch.compile's work and warm-up: leave it out of the average
     steady = step_times[1:] or step_times
@@ -782,22 +778,7 @@ def main(argv=None):
               " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
         return 0
     d = dist_from_env()
-    together = False
-    try:
-        code = run(parse_config(argv), d)
-        together = True  # every rank got here: a normal end, or one stop step agreed by all
-        return code
-    except ConfigError as e:
-        if d.master or e.every_rank:
-            print(f"{ERROR_PREFIX} {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: stop at once, nothing saved
-        if d.master:
-            print(f"\n{SCRIPT}: interrupted, nothing saved since the last checkpoint; run the same command to "
-                  "continue from it", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
-    finally:
-        end_distributed(together)
+    return script_main(SCRIPT, d, lambda: run(parse_config(argv), d))
 
 
 if __name__ == "__main__":
