@@ -27,6 +27,7 @@ import checkpoints
 from conftest import ROOT
 from model import GPT, GPTConfig, GPT2_VOCAB_SIZE
 from test_hub_offline import hf_env
+from test_train import load, losses, read_log
 from tokenizer import (ASSISTANT_END, ASSISTANT_START, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE, CHAT_VOCAB_SIZE,
                        ENDOFTEXT_ID, check_messages, get_chat_encoding, get_encoding, render_conversation,
                        render_prompt, render_turns, save_hf_tokenizer)
@@ -71,19 +72,6 @@ def sft_args(init_from, data, log_dir, **overrides):
                 compile=False, val_frac=0.2)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
-
-
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        return f.read()
-
-
-def losses(text, kind="train"):
-    return {int(s): float(v) for s, k, v in (line.split() for line in text.splitlines()) if k == kind}
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def one_error_line(capsys, prefix="chat_sft.py: error: "):
