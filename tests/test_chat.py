@@ -27,7 +27,7 @@ import checkpoints
 from conftest import ROOT
 from model import GPT, GPTConfig, GPT2_VOCAB_SIZE
 from test_hub_offline import hf_env
-from test_train import load, losses, read_log
+from test_train import assert_same_run, load, losses, read_log
 from tokenizer import (ASSISTANT_END, ASSISTANT_START, CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE, CHAT_VOCAB_SIZE,
                        ENDOFTEXT_ID, check_messages, get_chat_encoding, get_encoding, render_conversation,
                        render_prompt, render_turns, save_hf_tokenizer)
@@ -453,17 +453,6 @@ def trained_steps(log_dir):
     path = os.path.join(log_dir, "log.txt")
     complete = open(path).read().split("\n")[:-1] if os.path.exists(path) else []
     return [int(line.split()[0]) for line in complete if " train " in line]
-
-
-def assert_same_run(a_dir, b_dir, step):
-    assert read_log(a_dir) == read_log(b_dir)
-    a, b = load(checkpoints.checkpoint_path(a_dir, step)), load(checkpoints.checkpoint_path(b_dir, step))
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for i, state in a["optimizer"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
-    assert a["loader"] == b["loader"]
 
 
 def test_resume_after_kill_9_is_bitwise_identical(straight, base_ckpt, sums_jsonl, tmp_path):

@@ -71,6 +71,18 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def assert_same_run(a_dir, b_dir, step):
+    """Two runs logged the same lines and ended with bitwise-equal weights, optimizer state and data position."""
+    assert read_log(a_dir) == read_log(b_dir)
+    a, b = load(checkpoints.checkpoint_path(a_dir, step)), load(checkpoints.checkpoint_path(b_dir, step))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert a["loader"] == b["loader"]
+
+
 def run_cli(args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=SUBPROCESS_ENV)
@@ -386,15 +398,8 @@ def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path, recipe):
     assert main(tiny_args(data_dir, broken, **common)) == 0
     assert not os.path.exists(tmp_path / "broken" / ".model_00999.pt.tmp")
     assert main(tiny_args(data_dir, straight, **common)) == 0
-    assert read_log(broken) == read_log(straight)
+    assert_same_run(straight, broken, steps)
     assert len(losses(read_log(straight))) == steps
-    a, b = load(os.path.join(straight, f"model_{steps:05d}.pt")), load(os.path.join(broken, f"model_{steps:05d}.pt"))
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for i, state in a["optimizer"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
-    assert a["loader"] == b["loader"]
 
 
 @pytest.mark.parametrize("recipe", ["gpt2", "fast"])
@@ -529,13 +534,7 @@ def test_signal_saves_a_checkpoint_and_the_rerun_continues_exactly(data_dir, tmp
     assert max(losses(read_log(stopped))) == ckpts[0][0] - 1  # the step before the checkpoint is the last one logged
     assert main(tiny_args(data_dir, stopped, **common)) == 0
     assert main(tiny_args(data_dir, straight, **common)) == 0
-    assert read_log(stopped) == read_log(straight)
-    a, b = load(os.path.join(straight, f"model_{steps:05d}.pt")), load(os.path.join(stopped, f"model_{steps:05d}.pt"))
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for i, state in a["optimizer"]["state"].items():
-        for k, v in state.items():
-            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert_same_run(straight, stopped, steps)
 
 
 def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
