@@ -626,14 +626,100 @@ def test_empty_sample_prompt_samples_from_endoftext(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # recipes: the GPT-2 default exactly as it was, --recipe=fast's resolved values
 
-def test_gpt2_recipe_is_bit_for_bit_what_it_was(data_dir, tmp_path):
-    """The log of a fixed tiny run, as the code before the architecture switches, Muon and the recipes wrote it (its
-    final weights and optimizer state were also compared bitwise then)."""
-    assert main(tiny_args(data_dir, str(tmp_path / "log"), max_steps=12, val_every=6, checkpoint_every=0)) == 0
-    assert read_log(tmp_path / "log") == (
-        "0 val 5.5591\n0 train 5.557476\n1 train 5.533760\n2 train 5.497015\n3 train 5.443151\n4 train 5.374258\n"
-        "5 train 5.295311\n6 val 5.2118\n6 train 5.225090\n7 train 5.154487\n8 train 5.099895\n9 train 5.054716\n"
-        "10 train 5.021695\n11 train 5.007159\n12 val 4.9791\n")
+def plain_gpt2_run(data_dir, *, steps, val_every, B, T, total_batch_size, max_lr, min_lr, warmup_steps,
+                   val_tokens, seed=1337, **model):
+    """build-nanogpt's loop written out plainly, for the model (GPTConfig's GPT-2 defaults): its log lines and its
+    final model and optimizer. The GPT-3 small recipe: AdamW (betas 0.9, 0.95, eps 1e-8) with weight decay 0.1 on
+    the 2-D tensors only, linear warmup then cosine decay, the gradient norm clipped to 1, gradient accumulation over
+    consecutive B*T chunks of the train shards (in file order), val on the first val_tokens of the val shard."""
+    torch.manual_seed(seed)
+    net = GPT(GPTConfig(block_size=T, **model))
+    params = list(net.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=max_lr, betas=(0.9, 0.95), eps=1e-8)
+    shards = sorted(os.listdir(data_dir))
+    train = np.concatenate([np.load(os.path.join(data_dir, f)) for f in shards if "_train_" in f]).astype(np.int64)
+    val = np.load(os.path.join(data_dir, next(f for f in shards if "_val_" in f))).astype(np.int64)
+
+    def batch(tokens, start):
+        buf = torch.from_numpy(tokens[start:start + B * T + 1])
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+    def lr_at(step):
+        if step < warmup_steps:
+            return max_lr * (step + 1) / warmup_steps
+        ratio = (step - warmup_steps) / (steps - warmup_steps)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+    lines, accum = [], total_batch_size // (B * T)
+    for step in range(steps + 1):
+        if step % val_every == 0 or step == steps:
+            net.eval()
+            with torch.no_grad():
+                total = torch.zeros(())
+                for i in range(val_tokens // (B * T)):
+                    total += net(*batch(val, i * B * T))[1]
+            net.train()
+            lines.append(f"{step} val {(total / (val_tokens // (B * T))).item():.4f}\n")
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros(())
+        for micro in range(accum):
+            loss = net(*batch(train, (step * accum + micro) * B * T))[1] / accum
+            loss_accum += loss.detach()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.step()
+        lines.append(f"{step} train {loss_accum.item():.6f}\n")
+    return "".join(lines), net, opt
+
+
+PINNED_RUN = dict(max_steps=12, val_every=6, checkpoint_every=0)
+# The log that run wrote before the architecture switches, Muon and the recipes (on an x86-64 CPU with AVX-512).
+PINNED_LOG = ("0 val 5.5591\n0 train 5.557476\n1 train 5.533760\n2 train 5.497015\n3 train 5.443151\n"
+              "4 train 5.374258\n5 train 5.295311\n6 val 5.2118\n6 train 5.225090\n7 train 5.154487\n"
+              "8 train 5.099895\n9 train 5.054716\n10 train 5.021695\n11 train 5.007159\n12 val 4.9791\n")
+
+
+def test_gpt2_recipe_is_bit_for_bit_the_plain_gpt2_loop(data_dir, tmp_path):
+    """The default recipe is GPT-2's exactly: a run of train_gpt2.py equals, bit for bit on this machine, the plain
+    build-nanogpt loop above (the same log, final weights and AdamW state). Both run on the same CPU, so the
+    kernels the CPU's instruction set picks are the same for both: a property of the code on any machine."""
+    log_dir = tmp_path / "log"
+    assert main(tiny_args(data_dir, str(log_dir), **PINNED_RUN)) == 0
+    cfg = parse_args(tiny_args(data_dir, str(log_dir), **PINNED_RUN))
+    log, net, opt = plain_gpt2_run(data_dir, steps=cfg.max_steps, val_every=cfg.val_every, B=cfg.batch_size,
+                                   T=cfg.block_size, total_batch_size=cfg.total_batch_size, max_lr=cfg.max_lr,
+                                   min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, val_tokens=cfg.val_tokens,
+                                   vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                   n_embd=cfg.n_embd)
+    assert read_log(log_dir) == log
+    saved = load(checkpoints.checkpoint_path(str(log_dir), cfg.max_steps))
+    for k, v in net.state_dict().items():
+        assert torch.equal(saved["model"][k], v), k
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            assert torch.equal(saved["optimizer"]["state"][i][k], v), (i, k)
+
+
+def test_gpt2_recipe_log_is_what_it_was(data_dir, tmp_path):
+    """The same run against the log it wrote before (PINNED_LOG), which pins what the plain loop shares with
+    train_gpt2.py (the model and its init). Not bit for bit: float32 results of the same ops differ in their last
+    bits between CPUs (ATen, oneDNN and MKL pick kernels by instruction set: with ATEN_CPU_CAPABILITY=avx2 or
+    =default some values move by 1e-6 here), so each value may differ by one unit of its last printed digit (a
+    rounding that tips over) plus 1e-5 of drift. A change of the math moves them by more: here a learning rate 1%
+    higher moved step 11's loss by 4e-3, a weight decay of 0.11 by 6e-5 (what only the plain loop catches bitwise,
+    such as AdamW's eps, it catches there)."""
+    assert main(tiny_args(data_dir, str(tmp_path / "log"), **PINNED_RUN)) == 0
+    got, pinned = read_log(tmp_path / "log").splitlines(), PINNED_LOG.splitlines()
+    assert [line.split()[:2] for line in got] == [line.split()[:2] for line in pinned]
+    for line, expected in zip(got, pinned):
+        digits = len(expected.split()[2].split(".")[1])
+        assert abs(float(line.split()[2]) - float(expected.split()[2])) <= 10.0 ** -digits + 1e-5, (line, expected)
 
 
 def test_recipes_resolve_their_defaults(tmp_path):
