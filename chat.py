@@ -12,55 +12,28 @@ until the conversation and --max_new_tokens fit, the system message (--system) a
 <|assistant_end|>, or after --max_new_tokens tokens, or at the end of the context.
 """
 
-import argparse
-import codecs
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
-from checkpoints import list_checkpoints, load_checkpoint, load_model, model_from_checkpoint
-from runtime import ConfigError, autocast, get_device, setup_precision
-from tokenizer import (ASSISTANT_END, CHAT_FORMAT, CHAT_VOCAB_SIZE, get_chat_encoding, render_turns)
-
-TRANSFORMERS_FILES = ("config.json", ".safetensors", ".bin")  # what load_model refuses as a file: pass the directory
+from checkpoints import load_model
+from options import ConfigError, at_least, help_text, option, parse
+from runtime import autocast, get_device, setup_precision
+from tokenizer import decode_stream, generate_reply, get_chat_encoding, render_turns
 
 
 # -----------------------------------------------------------------------------
 # the model
 
-def load_any_model(source):
-    """(GPT on the CPU, chat) from a run directory of chat_sft.py or train_gpt2.py (its newest checkpoint), a
-    checkpoint file, a transformers directory or a hub id. chat: whether it was fine-tuned in the chat format:
-    a chat_sft.py checkpoint (its train_config names CHAT_FORMAT), or a transformers model of exactly the chat
-    vocabulary (what save_pretrained(chat=True) exports). Raises ConfigError."""
-    path = source
-    if os.path.isdir(source):  # a run directory (its config.json is the run's), else a transformers directory
-        found = list_checkpoints(source)
-        if found:
-            path = found[-1][1]
-        elif not os.path.exists(os.path.join(source, "config.json")):
-            raise ConfigError(f"{source}: holds no checkpoint (model_NNNNN.pt) and no transformers model "
-                              "(config.json)")
-    if os.path.isfile(path) and not path.endswith(TRANSFORMERS_FILES):
-        checkpoint = load_checkpoint(path, keys=("model", "config"), kind="chat_sft.py or train_gpt2.py checkpoint")
-        try:
-            model = model_from_checkpoint(checkpoint)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        train_config = checkpoint.get("train_config")
-        return model, isinstance(train_config, dict) and train_config.get("chat_format") == CHAT_FORMAT
-    model = load_model(source)
-    return model, model.config.vocab_size == CHAT_VOCAB_SIZE
-
-
 def load_chat_model(source):
-    """The chat model (GPT on the CPU) at source, a local path (see load_any_model). Raises ConfigError."""
+    """The chat model (GPT on the CPU) at source, a local path (see checkpoints.load_model). Raises ConfigError."""
     if not os.path.exists(source):
         raise ConfigError(f"--model {source}: no such file or directory (a chat_sft.py run directory, checkpoint "
                           "or export)")
-    model, chat = load_any_model(source)
+    model, chat = load_model(source)
     if not chat:
         raise ConfigError(f"{source}: not a chat model (neither a chat_sft.py checkpoint nor its export); "
                           f"fine-tune it first: python chat_sft.py --init_from={source}")
@@ -88,33 +61,6 @@ def fit_context(turns, block_size, max_new_tokens):
     return prompt, system + rest, min(max_new_tokens, block_size - len(prompt))
 
 
-def generate_reply(model, prompt, *, max_new_tokens, temperature, top_k=None, generator=None):
-    """Yield the token ids of the assistant's reply to prompt (ids ending with <|assistant_start|>) as the model
-    samples them (GPT.stream: the KV cache, GPT-2's tokens and the chat tokens), until <|assistant_end|>, which is
-    not yielded, or max_new_tokens. Run it under the device's autocast."""
-    idx = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
-    for next_id in model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                                num_tokens=CHAT_VOCAB_SIZE):
-        token = next_id.item()
-        if token == ASSISTANT_END:
-            return
-        yield token
-
-
-def decode_stream(tokens, enc):
-    """Yield the text of token ids as they come. A character whose UTF-8 bytes span several tokens (an emoji, most
-    CJK) is held back until its last byte arrives, so nothing half-decoded is printed; the pieces add up to
-    enc.decode(all the ids), invalid bytes included (U+FFFD, as tiktoken's decode)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in tokens:
-        text = decoder.decode(enc.decode_single_token_bytes(token))
-        if text:
-            yield text
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
-
-
 def respond(model, turns, *, enc, out, max_new_tokens, temperature, top_k, generator):
     """Write the reply to turns (ending with a user message) to out as it is sampled; return the turns with the
     reply added (and the oldest dropped, if the context needed it) and whether the reply was cut before its end."""
@@ -122,7 +68,8 @@ def respond(model, turns, *, enc, out, max_new_tokens, temperature, top_k, gener
     reply = []
 
     def sampled():
-        for token in generate_reply(model, prompt, max_new_tokens=budget, temperature=temperature, top_k=top_k,
+        idx = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
+        for token in generate_reply(model, idx, max_new_tokens=budget, temperature=temperature, top_k=top_k,
                                     generator=generator):
             reply.append(token)
             yield token
@@ -137,21 +84,6 @@ def respond(model, turns, *, enc, out, max_new_tokens, temperature, top_k, gener
 
 # -----------------------------------------------------------------------------
 # command line
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line (argparse prints the usage too)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def number(kind, low):
-    def parse(text):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its message
-    return parse
-
 
 def chat_loop(model, turns, *, enc, reply_options):
     """The interactive chat on stdin/stdout; returns the exit code."""
@@ -184,41 +116,48 @@ def chat_loop(model, turns, *, enc, reply_options):
             print("(the reply was cut: --max_new_tokens, or the end of the context)", file=sys.stderr)
 
 
+@dataclass
+class ChatConfig:
+    model: str = option("log_sft", "a chat_sft.py run directory, checkpoint (.pt) or exported transformers directory")
+    prompt: str = option(None, "answer this one message, print the reply and exit")
+    system: str = option("", "a system message opening the conversation")
+    temperature: float = option(0.6, "0: greedy", type=at_least(0, float))
+    top_k: int = option(50, "sample among the k likeliest", type=at_least(1))
+    seed: int = option(1337, "the sampling's seed")
+    max_new_tokens: int = option(256, "the longest reply", type=at_least(1))
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
+
+
 def main(argv=None):
-    parser = Parser(prog="chat.py", description=__doc__.strip().splitlines()[0], epilog=__doc__.split("\n", 1)[1],
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="log_sft", help="a chat_sft.py run directory, checkpoint (.pt) or "
-                                                           "exported transformers directory (default: log_sft)")
-    parser.add_argument("--prompt", default=None, help="answer this one message, print the reply and exit")
-    parser.add_argument("--system", default="", help="a system message opening the conversation")
-    parser.add_argument("--temperature", type=number(float, 0.0), default=0.6, help="0: greedy (default 0.6)")
-    parser.add_argument("--top_k", type=number(int, 1), default=50, help="sample among the k likeliest (default 50)")
-    parser.add_argument("--seed", type=int, default=1337, help="the sampling's seed (default 1337)")
-    parser.add_argument("--max_new_tokens", type=number(int, 1), default=256, help="the longest reply (default 256)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    args = parser.parse_args(argv)
-    if args.prompt is not None and not args.prompt.strip():
-        parser.error("--prompt: empty message")
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(ChatConfig, "chat.py", __doc__))
+        return 0
     try:
-        device = get_device(args.device)
-        model = load_chat_model(args.model)
+        cfg, _ = parse(ChatConfig, argv)
+        if cfg.prompt is not None and not cfg.prompt.strip():
+            raise ConfigError("--prompt: empty message")
+        device = get_device(cfg.device)
+        model = load_chat_model(cfg.model)
     except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        print(f"chat.py: error: {e}", file=sys.stderr)
+        return 2
     model.to(device).eval()
     autocast_dtype = setup_precision(device)  # bf16 on CUDA, as the model was fine-tuned
     enc = get_chat_encoding()
-    turns = [("system", enc.encode_ordinary(args.system))] if args.system.strip() else []
-    reply_options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=torch.Generator().manual_seed(args.seed))  # a CPU generator serves any device
+    turns = [("system", enc.encode_ordinary(cfg.system))] if cfg.system.strip() else []
+    reply_options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                         generator=torch.Generator().manual_seed(cfg.seed))  # a CPU generator serves any device
     with autocast(device.type, autocast_dtype):
-        if args.prompt is not None:
+        if cfg.prompt is not None:
             try:
-                respond(model, turns + [("user", enc.encode_ordinary(args.prompt))], enc=enc, out=sys.stdout,
+                respond(model, turns + [("user", enc.encode_ordinary(cfg.prompt))], enc=enc, out=sys.stdout,
                         **reply_options)
             except ValueError as e:
-                parser.exit(2, f"{parser.prog}: error: --prompt: {e}\n")
+                print(f"chat.py: error: --prompt: {e}", file=sys.stderr)
+                return 2
             return 0
-        print(f"chat.py: {args.model}, {model.num_params():,} parameters, a context of {model.config.block_size} "
+        print(f"chat.py: {cfg.model}, {model.num_params():,} parameters, a context of {model.config.block_size} "
               f"tokens, on {device}. /clear starts over; /quit, Ctrl-D or Ctrl-C ends.", file=sys.stderr)
         try:
             return chat_loop(model, turns, enc=enc, reply_options=reply_options)

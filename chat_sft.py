@@ -28,7 +28,7 @@ conversation is cut there, its later turns dropped (a reply cut in two is traine
 assistant token left inside the window is dropped; the log counts both. The rows of a micro-batch are padded (to a
 multiple of 64 tokens, targets -1) and the loss is the mean over a micro-batch's assistant tokens.
 
-Everything train_gpt2.py guarantees holds here: `--name=value` options (--help), torchrun (every rank sees what one
+Everything train_gpt2.py guarantees holds here: its options' dialect (--help), torchrun (every rank sees what one
 process accumulating the same total batch sees), bf16 and torch.compile on CUDA, checkpoints with an exact resume
 after kill -9 (Ctrl-C and SIGTERM save one first), the log_dir lock, log.txt lines that plot.py draws, one error
 line (exit code 2) for every bad input.
@@ -48,18 +48,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from chat import decode_stream, generate_reply, load_any_model
-from checkpoints import (append_log, compare_configs, find_checkpoint, load_optimizer_state, locked_run_dir,
-                         model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
-from model import GPT, GPT2_VOCAB_SIZE
-from runtime import (ConfigError, StopSignal, autocast, dist_from_env, get_device, init_distributed, option,
-                     parse_args, script_main, setup_precision, usage)
-from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, get_chat_encoding,
-                       render_conversation, render_prompt)
-from train_gpt2 import check_same_step, due, finite_or_reported, get_lr, train_step
+from checkpoints import (append_log, compare_configs, find_checkpoint, load_model, load_optimizer_state,
+                         locked_run_dir, model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
+from export import save_pretrained
+from files import hub_offline
+from guards import check_finite, check_ranges, check_same_step
+from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+from optim import adamw, get_lr, train_step
+from options import ConfigError, help_text, option, parse
+from runtime import StopSignal, autocast, dist_from_env, get_device, init_distributed, script_main, setup_precision
+from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, decode_stream, generate_reply,
+                       get_chat_encoding, render_conversation, render_prompt)
 
 SCRIPT = "chat_sft.py"
-PADDED_VOCAB_SIZE = 50304  # train_gpt2.py's vocabulary: GPT-2's 50257 padded to a multiple of 128
 PAD_MULTIPLE = 64  # a micro-batch is padded to a multiple of this many tokens: few shapes for torch.compile
 VAL_SPLITS = ("validation", "test")  # a dataset's held-out split, the first found
 
@@ -111,23 +112,12 @@ class SFTConfig:
 
 def check_config(cfg, world_size):
     """Raise ConfigError for a setting that can't work; return grad_accum_steps."""
-    positive = ("block_size", "batch_size", "total_batch_size", "num_epochs", "max_lr", "sample_length")
-    non_negative = ("max_steps", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "val_every", "sample_every",
-                    "checkpoint_every", "keep_checkpoints", "val_conversations")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.min_lr > cfg.max_lr:
-        raise ConfigError(f"need min_lr <= max_lr, got min_lr={cfg.min_lr} max_lr={cfg.max_lr}")
-    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.eps > 0):
-        raise ConfigError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {cfg.beta1}, {cfg.beta2}, {cfg.eps}")
+    check_ranges(cfg, positive=("block_size", "batch_size", "total_batch_size", "num_epochs", "max_lr",
+                                "sample_length"),
+                 non_negative=("max_steps", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "val_every",
+                               "sample_every", "checkpoint_every", "keep_checkpoints", "val_conversations"))
     if not 0 <= cfg.val_frac < 1:
         raise ConfigError(f"--val_frac must be in [0, 1), got {cfg.val_frac}")
-    if cfg.device not in ("auto", "cuda", "mps", "cpu"):
-        raise ConfigError(f"--device must be auto, cuda, mps or cpu, got {cfg.device!r}")
     if not cfg.init_from or not cfg.data:
         raise ConfigError("--init_from and --data must name a model and conversations")
     per_micro_step = cfg.batch_size * world_size
@@ -185,8 +175,6 @@ def open_dataset(name, config):
     at once (not after huggingface_hub's retries), as in fineweb.py."""
     import datasets
 
-    from fineweb import hub_unreachable
-
     label = f"{name} ({config})" if config else name
     if os.path.isdir(name):
         try:
@@ -197,7 +185,7 @@ def open_dataset(name, config):
         return loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith(".json"):
         raise ConfigError(f"--data {name}: expected a .jsonl file, a save_to_disk directory or a hub dataset id")
-    offline = "offline mode (HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else hub_unreachable()
+    offline = hub_offline(datasets.config.HF_HUB_OFFLINE)
     if offline:
         datasets.config.HF_HUB_OFFLINE = True  # fail at once where the cache lacks it
     try:
@@ -428,7 +416,7 @@ def sample_reply(model, prompt, length, device, autocast_dtype):
     ids = render_prompt([{"role": "user", "content": prompt}])
     length = min(length, model.config.block_size - len(ids))
     with autocast(device.type, autocast_dtype):
-        tokens = list(generate_reply(model, ids, max_new_tokens=length, temperature=0))
+        tokens = list(generate_reply(model, torch.tensor([ids], device=device), max_new_tokens=length, temperature=0))
     return "".join(decode_stream(tokens, get_chat_encoding()))
 
 
@@ -472,7 +460,7 @@ def with_chat_rows(model, reset):
 
 def initial_model(init_from, log):
     """The model to fine-tune, on the CPU, with its chat rows (with_chat_rows): a chat model keeps its own."""
-    model, chat = load_any_model(init_from)
+    model, chat = load_model(init_from)
     log(f"init_from={init_from}: " + ("a chat model, fine-tuned further" if chat else
                                       "a GPT-2; the chat tokens' rows start at the mean of GPT-2's rows"))
     return with_chat_rows(model, reset=not chat)
@@ -517,10 +505,7 @@ def train(cfg, d):
 
     # the model: the checkpoint's on resume, else init_from's with its chat rows
     if checkpoint:
-        try:
-            raw_model = model_from_checkpoint(checkpoint)
-        except ConfigError as e:
-            raise ConfigError(f"{resume_path}: {e}") from None
+        raw_model = model_from_checkpoint(checkpoint, resume_path)
     else:
         raw_model = initial_model(cfg.init_from, log)
     if cfg.block_size > raw_model.config.block_size:
@@ -529,9 +514,8 @@ def train(cfg, d):
         raise ConfigError(f"--export_dir: transformers' GPT-2 cannot run this model "
                           f"({raw_model.config.non_gpt2_fields()})")
     raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type,
-                                               verbose=d.master)
+    optimizer = adamw(raw_model, lr=cfg.max_lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                      eps=cfg.eps, device_type=device.type, verbose=d.master)
     start_step = checkpoint["step"] if checkpoint else 0
     if checkpoint:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
@@ -547,7 +531,7 @@ def train(cfg, d):
 
     def export():
         if cfg.export_dir and d.master:
-            raw_model.save_pretrained(cfg.export_dir, chat=True)
+            save_pretrained(raw_model, cfg.export_dir, chat=True)
             log(f"exported to {cfg.export_dir}: python chat.py --model {cfg.export_dir}, or transformers")
 
     if start_step >= cfg.max_steps:
@@ -580,8 +564,8 @@ def train(cfg, d):
         for step in range(start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # --- evaluations of the model after `step` optimizer steps: the first is the model before fine-tuning
-            do_val = due(step, cfg.val_every, last) and bool(val_rows)
-            do_sample = due(step, cfg.sample_every, last) and d.master
+            do_val = bool(val_rows) and cfg.val_every > 0 and (step % cfg.val_every == 0 or last)
+            do_sample = d.master and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last)
             if do_val or do_sample:
                 raw_model.eval()  # eager: the evals' shapes vary, a compiled model would recompile
                 if do_val:
@@ -595,7 +579,7 @@ def train(cfg, d):
                     reply = sample_reply(raw_model, cfg.sample_prompt, cfg.sample_length, device, autocast_dtype)
                     log(f"step {step:5d} | sample: {cfg.sample_prompt!r} -> {reply!r}")
                 raw_model.train()
-            if step > start_step and (last or due(step, cfg.checkpoint_every, last)):
+            if step > start_step and (last or cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                 save(step)
             if last:
                 break
@@ -609,7 +593,7 @@ def train(cfg, d):
             loss, grad_norm = loss.item(), grad_norm.item()
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            if not finite_or_reported(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
+            if not check_finite(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
                 return 1
             log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
                 f"{cfg.total_batch_size / dt:.1f} conversations/s")
@@ -628,10 +612,10 @@ def train(cfg, d):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, SFTConfig, "at the top of chat_sft.py"))
+        print(help_text(SFTConfig, SCRIPT, __doc__))
         return 0
     d = dist_from_env()
-    return script_main(SCRIPT, d, lambda: run(parse_args(argv, SFTConfig), d))
+    return script_main(SCRIPT, d, lambda: run(parse(SFTConfig, argv)[0], d))
 
 
 if __name__ == "__main__":

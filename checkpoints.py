@@ -1,9 +1,11 @@
-"""The run directory: atomic writes, checkpoints (save, load, find, prune), log.txt and config.json.
+"""The run directory (log_dir): its lock, checkpoints (save, load, find, prune), log.txt and config.json, and the
+models a command can load from it or from transformers.
 
     python -c "import checkpoints; print(checkpoints.list_checkpoints('log'))"
 
-train_gpt2.py writes a run directory (log_dir), hellaswag.py and bench.py read what it wrote. Every file here is
-written atomically: a kill at any moment leaves the old file or the complete new one, never half of one.
+train_gpt2.py and chat_sft.py write a run directory; hellaswag.py, chat.py and export.py load models from it. Every
+file here is written atomically (files.atomic_write): a kill at any moment leaves the old file or the complete new
+one, never half of one.
 """
 
 import contextlib
@@ -17,37 +19,14 @@ import zipfile
 
 import torch
 
+from files import atomic_write
 from model import GPT, GPTConfig
-from runtime import ConfigError
+from options import ConfigError
+from tokenizer import CHAT_FORMAT, CHAT_VOCAB_SIZE
 
 CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
 PARTIAL_RE = re.compile(r"^\.model_\d+\.pt\.tmp$")  # what a kill during a checkpoint save leaves behind
 TRAIN_KEYS = ("model", "optimizer", "step", "loader", "rng", "config", "train_config")  # what a resume needs
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file (binary) next to path, then rename it into place: a kill at any moment
-    leaves either the old file or the complete new one, never a half-written file under the real name. The
-    temporary file is removed if write fails."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    # persist the rename itself (the directory entry); best effort where directories can't be opened
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # -----------------------------------------------------------------------------
@@ -228,17 +207,34 @@ def compare_configs(saved, current):
 # -----------------------------------------------------------------------------
 # a model from any of the places a GPT-2 can come from
 
-def model_from_checkpoint(checkpoint):
-    """The GPT a checkpoint's "config" and "model" describe. Raises ConfigError (the caller names the file)."""
+def checkpoint_config(checkpoint, source=None):
+    """The GPTConfig of a checkpoint's "config". Raises ConfigError (naming source, else the caller names the file)."""
     try:
-        model = GPT(GPTConfig.from_dict(checkpoint["config"]))
+        return GPTConfig.from_dict(checkpoint["config"])
     except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"bad 'config': {e}") from None
+        raise ConfigError(f"{source + ': ' if source else ''}bad 'config': {e}") from None
+
+
+def model_from_checkpoint(checkpoint, source=None):
+    """The GPT a checkpoint's "config" and "model" describe. Raises ConfigError (naming source, as above)."""
+    model = GPT(checkpoint_config(checkpoint, source))
     problem = state_dict_mismatch(model.state_dict(), checkpoint["model"])
     if problem:
-        raise ConfigError(f"'model' does not match its 'config': {problem}")
+        raise ConfigError(f"{source + ': ' if source else ''}'model' does not match its 'config': {problem}")
     model.load_state_dict(checkpoint["model"])
     return model
+
+
+def pretrained_weights(init_from):
+    """GPT-2's weights to start a run from, as a checkpoint's "model" and "config" (no optimizer state, no step):
+    init_from is a hub id (gpt2, gpt2-medium...) or a transformers directory; None for "scratch"."""
+    if init_from == "scratch":
+        return None
+    try:
+        model = GPT.from_pretrained(init_from)
+    except ValueError as e:
+        raise ConfigError(f"--init_from={init_from}: {e}") from None
+    return {"model": model.state_dict(), "config": dataclasses.asdict(model.config)}
 
 
 def state_dict_mismatch(expected, found):
@@ -255,22 +251,32 @@ def state_dict_mismatch(expected, found):
     return ", ".join(p for p in problems if p)
 
 
-def load_model(name_or_path):
-    """A GPT (on the CPU) from a train_gpt2.py checkpoint file (.pt), a local transformers GPT-2 directory or a hub id
-    (gpt2, gpt2-xl...). Raises ConfigError with one line naming the file and the problem."""
-    if os.path.isfile(name_or_path):
-        if os.path.basename(name_or_path) == "config.json" or name_or_path.endswith((".safetensors", ".bin")):
-            raise ConfigError(f"{name_or_path}: a file of a transformers model: pass its directory, "
-                              f"{os.path.dirname(name_or_path) or '.'}")
-        checkpoint = load_checkpoint(name_or_path, keys=("model", "config"))
-        try:
-            return model_from_checkpoint(checkpoint)
-        except ConfigError as e:
-            raise ConfigError(f"{name_or_path}: {e}") from None
+def load_model(source):
+    """(GPT on the CPU, chat) from a run directory of train_gpt2.py or chat_sft.py (its newest checkpoint), a
+    checkpoint file, a transformers GPT-2 directory or a hub id (gpt2, gpt2-xl...). chat: the model was fine-tuned in
+    the chat format (a chat_sft.py checkpoint, whose train_config names CHAT_FORMAT, or an export of exactly the chat
+    vocabulary). Raises ConfigError with one line naming the file and the problem."""
+    path = source
+    if os.path.isdir(source):  # a run directory (its config.json is the run's), else a transformers directory
+        found = list_checkpoints(source)
+        if found:
+            path = found[-1][1]
+        elif not os.path.exists(os.path.join(source, "config.json")):
+            raise ConfigError(f"{source}: holds no checkpoint (model_NNNNN.pt) and no transformers model "
+                              "(config.json)")
+    if os.path.isfile(path):
+        if os.path.basename(path) == "config.json" or path.endswith((".safetensors", ".bin")):
+            raise ConfigError(f"{path}: a file of a transformers model: pass its directory, "
+                              f"{os.path.dirname(path) or '.'}")
+        checkpoint = load_checkpoint(path, keys=("model", "config"), kind="train_gpt2.py checkpoint (or chat_sft.py's)")
+        model = model_from_checkpoint(checkpoint, path)
+        train_config = checkpoint.get("train_config")
+        return model, isinstance(train_config, dict) and train_config.get("chat_format") == CHAT_FORMAT
     try:
-        return GPT.from_pretrained(name_or_path)
+        model = GPT.from_pretrained(source)
     except (ValueError, OSError) as e:
         raise ConfigError(str(e)) from None
+    return model, model.config.vocab_size == CHAT_VOCAB_SIZE
 
 
 # -----------------------------------------------------------------------------

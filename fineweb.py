@@ -13,9 +13,7 @@ complete shard ended, so a killed run continues where it stopped when the same c
 is identical to an uninterrupted run.
 """
 
-import argparse
 import contextlib
-import http.client
 import itertools
 import json
 import multiprocessing as mp
@@ -24,21 +22,23 @@ import re
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from files import SHARD_PREFIX, atomic_write, hub_offline, shard_filename
+from options import ConfigError, at_least, help_text, option, parse
+
+SCRIPT = os.path.basename(__file__)
 ENCODING = "gpt2"                     # tiktoken's GPT-2 BPE; its <|endoftext|> (50256) starts every document
 DATASET = "HuggingFaceFW/fineweb-edu"
 NAME = "sample-10BT"                  # the config used when --dataset is left at DATASET and --name is not given
 SPLIT = "train"                       # the only split FineWeb-Edu has; we cut our own val shard from its start
 OUTPUT_DIR = "edu_fineweb10B"         # next to this script unless --output_dir says otherwise
 SHARD_SIZE = 100_000_000              # tokens per shard (200 MB as uint16)
-SHARD_PREFIX = "edufineweb"
 SHARD_RE = re.compile(rf"{SHARD_PREFIX}_(val|train)_\d{{6}}\.npy")
 MANIFEST = "fineweb_manifest.json"
 # The one temporary file (shards and manifest are written one at a time). Its name holds neither "train" nor "val"
@@ -50,9 +50,6 @@ MANIFEST_FORMAT = 1                   # bump when the meaning of the manifest or
 # val_tokens + 1 tokens (the targets are shifted by one).
 TRAIN_VAL_TOKENS = 10_485_760
 TRAIN_MICRO_BATCH = 64 * 1024
-# huggingface_hub retries a hub file it can neither reach nor find cached 5 times with backoff (1+2+4+8+8 s, two
-# warning lines each) before failing; one HEAD request with this timeout (seconds) tells us first that it is pointless.
-HUB_PROBE_TIMEOUT = 3
 BATCH_CHARS = 1 << 20                 # characters of text per task sent to a worker (~250k tokens)
 IN_FLIGHT = 2                         # tasks in flight per worker: keeps workers busy, bounds memory
 ROWS = 1024                           # rows per read from parquet / arrow
@@ -183,20 +180,6 @@ def hub_label(dataset, name):
     return f"{dataset} ({name})" if name else dataset
 
 
-def hub_unreachable():
-    """Why the Hugging Face hub cannot be reached ("" if it can): one HEAD request to its endpoint (HF_ENDPOINT and
-    the environment's proxies honoured) with a short timeout. (Twin: the probe in model.GPT.from_pretrained.)"""
-    from huggingface_hub import constants
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
-                               timeout=HUB_PROBE_TIMEOUT).close()
-    except urllib.error.HTTPError:
-        return ""  # an HTTP answer, whatever its status: the hub is there
-    except (OSError, ValueError, http.client.HTTPException) as e:  # no DNS, refused, timeout, a bad HF_ENDPOINT
-        return f"no network ({constants.ENDPOINT} unreachable: {getattr(e, 'reason', e)})"
-    return ""
-
-
 def load_hub(dataset, name, streaming):
     """The train split of a hub dataset, checked to have a text column and at least one document.
 
@@ -206,7 +189,7 @@ def load_hub(dataset, name, streaming):
     label = hub_label(dataset, name)
     offline = ""
     if not os.path.exists(dataset):  # a local dataset folder needs no hub
-        offline = "offline mode (HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else hub_unreachable()
+        offline = hub_offline(datasets.config.HF_HUB_OFFLINE)
         if offline:  # datasets reads this flag (set from the environment at import) at every call
             datasets.config.HF_HUB_OFFLINE = True
     try:
@@ -358,32 +341,13 @@ def fill_shards(batches, sizes, doc=0, offset=0):
         yield buf[:fill], (doc, 0)
 
 
-def shard_filename(index):
-    split = "val" if index == 0 else "train"
-    return f"{SHARD_PREFIX}_{split}_{index:06d}.npy"
-
-
-def shard_pattern(split):
-    """The glob that finds one split's shards (train_gpt2.py reads them with it)."""
-    return f"{SHARD_PREFIX}_{split}_*.npy"
-
-
 def save_atomic(path, write):
-    """write(f) into a temporary file next to path, fsync, then rename: path is never seen half-written.
-    (The fsync makes "renamed" imply "on disk" even across a power cut, at ~10 ms per file.)"""
-    tmp = os.path.join(os.path.dirname(path), PARTIAL)
+    """files.atomic_write under our one temporary name (a kill -9 leaves it to the next run to delete). A write error
+    may name no file ("No space left on device"): the DataError names the one meant."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # e.g. a full disk: give the space back (a kill -9 leaves it to the next run to delete)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # a write error may name no file ("No space left on device"): name the one meant
-            raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
-        raise
+        atomic_write(path, write, tmp=PARTIAL)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def write_manifest(out_dir, manifest):
@@ -540,31 +504,29 @@ def write_shards(texts, out_dir, identity, done, num_proc, num_docs=None, progre
     return manifest
 
 
-def positive_int(s):
-    n = int(s)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return n
+@dataclass
+class FinewebConfig:
+    dataset: str = option(DATASET, "hub dataset with a 'text' column, or a local dataset folder")
+    input: list = option(None, f"local files instead of the hub, read in the order given ({', '.join(INPUT_TYPES)}): "
+                               "a record with a 'text' field per line / array element / row, a whole .txt file per "
+                               "document", nargs="+", metavar="FILE", type=str)
+    name: str = option(None, f"hub config (default: {NAME} for {DATASET}, none otherwise)")
+    streaming: bool = option(False, "stream the hub dataset instead of downloading it first")
+    output_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_DIR),
+                             f"where the shards go (default: {OUTPUT_DIR}/ next to this script)")
+    shard_size: int = option(SHARD_SIZE, "tokens per shard", type=at_least(1))
+    val_size: int = option(None, "tokens of the val shard, the first of the stream (default: --shard_size)",
+                           type=at_least(1))
+    num_proc: int = option(default_num_proc(), "tokenizer processes (default: all cores)", type=at_least(1))
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.strip().splitlines()[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", default=DATASET, help=f"hub dataset with a 'text' column (default: {DATASET})")
-    src.add_argument("--input", nargs="+", metavar="FILE",
-                     help=f"local files instead of the hub, read in the order given ({', '.join(INPUT_TYPES)}): "
-                          "a record with a 'text' field per line / array element / row, a whole .txt file per document")
-    p.add_argument("--name", default=None, help=f"hub config (default: {NAME} for {DATASET}, none otherwise)")
-    p.add_argument("--streaming", action="store_true", help="stream the hub dataset instead of downloading it first")
-    p.add_argument("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_DIR),
-                   help=f"where the shards go (default: {OUTPUT_DIR}/ next to this script)")
-    p.add_argument("--shard_size", type=positive_int, default=SHARD_SIZE, help="tokens per shard")
-    p.add_argument("--val_size", type=positive_int, default=None,
-                   help="tokens of the val shard, the first of the stream (default: --shard_size)")
-    p.add_argument("--num_proc", type=positive_int, default=default_num_proc(), help="tokenizer processes")
-    args = p.parse_args(argv)
+    """The FinewebConfig of argv, its defaults that depend on other options filled in. Raises ConfigError."""
+    args, given = parse(FinewebConfig, argv)
+    if {"dataset", "input"} <= given:
+        raise ConfigError("--dataset and --input exclude each other: a hub dataset or local files")
     if args.input and (args.name is not None or args.streaming):
-        p.error("--name and --streaming apply to a hub --dataset, not to --input files")
+        raise ConfigError("--name and --streaming apply to a hub --dataset, not to --input files")
     if args.name is None and args.dataset == DATASET and not args.input:
         args.name = NAME
     if args.val_size is None:
@@ -633,21 +595,25 @@ def prepare(args):
 
 def warn(lines):
     for line in lines:
-        print(f"{os.path.basename(__file__)}: warning: {line}", file=sys.stderr)
+        print(f"{SCRIPT}: warning: {line}", file=sys.stderr)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(FinewebConfig, SCRIPT, __doc__))
+        return 0
     try:
-        prepare(args)
-    except (DataError, OSError) as e:
+        prepare(parse_args(argv))
+    except (ConfigError, DataError, OSError) as e:
         message = " ".join(str(e).split("\n"))
-        print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{SCRIPT}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\n{os.path.basename(__file__)}: interrupted; run the same command again to continue", file=sys.stderr)
-        sys.exit(130)
+        print(f"\n{SCRIPT}: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

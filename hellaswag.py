@@ -15,13 +15,13 @@ multiple-choice style of the EleutherAI harness gives other numbers; GPT-3 small
 The data is downloaded once from rowanz/hellaswag into hellaswag/ next to this file (--data FILE uses a local copy).
 """
 
-import argparse
 import dataclasses
 import http.client
 import itertools
 import json
 import math
 import os
+import sys
 import time
 import urllib.request
 
@@ -32,8 +32,10 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from checkpoints import atomic_write, load_model
-from runtime import ConfigError, autocast, get_device
+from checkpoints import load_model
+from files import atomic_write
+from options import ConfigError, at_least, help_text, option, parse
+from runtime import autocast, get_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
@@ -300,47 +302,45 @@ def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, ran
 # -----------------------------------------------------------------------------
 # command line
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+@dataclasses.dataclass
+class HellaSwagConfig:
+    model: str = option(None, "hub id (gpt2, gpt2-xl...), transformers directory or train_gpt2.py checkpoint (.pt)")
+    data: str = option(None, f"a local hellaswag_val.jsonl (default: download once into {CACHE_DIR})")
+    limit: int = option(None, "score the first N examples only (default: all)", type=at_least(1))
+    batch_size: int = option(16, "examples per forward pass (4 rows each)", type=at_least(1))
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    dtype: str = option("auto", "autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere (the reference is "
+                                "fp32/tf32)", choices=("auto", "bfloat16", "float32"))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="hellaswag.py", description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="hub id (gpt2, gpt2-xl...), transformers directory, "
-                                                       "or train_gpt2.py checkpoint (.pt)")
-    parser.add_argument("--data", default=None, help="a local hellaswag_val.jsonl (default: download once into "
-                                                     f"{CACHE_DIR})")
-    parser.add_argument("--limit", type=positive_int, default=None, help="score the first N examples only")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere (the reference is fp32/tf32)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(HellaSwagConfig, "hellaswag.py", __doc__))
+        return 0
     try:
-        device = get_device(args.device or "auto")
-    except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        cfg, _ = parse(HellaSwagConfig, argv)
+        if cfg.model is None:
+            raise ConfigError("--model is required: a hub id, a transformers directory or a train_gpt2.py checkpoint")
+        device = get_device(cfg.device)
+        examples = load_examples(cfg.data, limit=cfg.limit)
+        model = load_model(cfg.model)[0].to(device)
+    except (HellaSwagError, ConfigError) as e:
+        print(f"hellaswag.py: error: {e}", file=sys.stderr)
+        return 2
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     # the reference numbers were measured with TF32 matmuls; bf16 autocast covers the matmuls anyway
     torch.set_float32_matmul_precision("high")
-    try:
-        examples = load_examples(args.data, limit=args.limit)
-        model = load_model(args.model).to(device)
-    except (HellaSwagError, ConfigError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
     model.eval()
-    print(f"{args.model}: {model.num_params():,} parameters, {len(examples)} examples, {device}, {dtype}")
+    print(f"{cfg.model}: {model.num_params():,} parameters, {len(examples)} examples, {device}, {dtype}")
     t0 = time.time()
-    result = evaluate(model, examples, device=device, batch_size=args.batch_size,
+    result = evaluate(model, examples, device=device, batch_size=cfg.batch_size,
                       autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None, progress=True)
     dt = time.time() - t0
     print(f"{result.n / dt:.1f} examples/s ({dt:.1f} s)")
     print(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,35 +1,27 @@
-"""GPT-2, numerically identical to transformers' GPT2LMHeadModel, with flash attention, HF import/export and sampling.
+"""GPT-2, numerically identical to transformers' GPT2LMHeadModel, with flash attention, a KV cache for sampling, and
+the architecture switches of the modern recipes; its weights load from OpenAI's checkpoints (GPT.from_pretrained).
 
     python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
 
-Everything about the network and its weights lives here; nothing about data, distributed training or files other
-than weights. Importing this module does no work; `transformers` is imported only by the functions that need it.
+The network and its weights only: no data, optimizer, distributed training or files other than weights (export.py
+writes them for transformers). Importing this module does no work; transformers is imported by from_pretrained.
 """
 
 import dataclasses
-import inspect
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from tokenizer import ASSISTANT_END, CHAT_VOCAB_SIZE, save_hf_tokenizer
+from files import hub_offline
 
-GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary; training pads it to 50304 (a multiple of 128) for speed
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# What OpenAI's models score on this project's two evals: the numbers a GPT-2 (124M) reproduction is judged by
-# (train_gpt2.py prints them next to its evals, plot.py draws them).
-# GPT-2 124M: OpenAI's checkpoint evaluated on FineWeb-Edu's val shard (val loss) and HellaSwag's 10,042 validation
-# examples (acc_norm); GPT-3 small (124M): HellaSwag zero-shot acc from the GPT-3 paper (Brown et al. 2020).
-REFERENCES = {
-    "gpt2": {"label": "OpenAI GPT-2 124M", "val": 3.2924, "hella": 0.2955},
-    "gpt3": {"label": "OpenAI GPT-3 124M", "hella": 0.337},
-}
+GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary
+PADDED_VOCAB_SIZE = 50304  # GPT-2's padded to 393 * 128: friendlier matmul shapes on a GPU; train_gpt2.py's default
+CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"), "pos_emb": ("learned", "rope")}
 
 
 @dataclass
@@ -48,29 +40,26 @@ class GPTConfig:
     tie_embeddings: bool = True  # one matrix for wte and lm_head (GPT-2); False: two
     bias: bool = True  # biases in the Linear layers and LayerNorms (GPT-2); False: none
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: raw logits (GPT-2)
-    # zero-initialize the residual projections (attn.c_proj, mlp.c_proj), and lm_head when untied; a tied lm_head is
-    # also the input embedding, which must not be zero (every token would embed to the same vector), so it keeps its
-    # normal init. An init, not an architecture: a zero_init model is still GPT-2 (is_gpt2, save_pretrained).
+    # zero-initialize the residual projections (attn.c_proj, mlp.c_proj), and lm_head when untied (a tied one is also
+    # the input embedding, which must not be zero). An init, not an architecture: a zero_init model is still GPT-2.
     zero_init: bool = False
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        if self.mlp not in ("gelu", "swiglu", "relu2"):
-            raise ValueError(f"mlp must be 'gelu', 'swiglu' or 'relu2', got {self.mlp!r}")
-        if self.pos_emb not in ("learned", "rope"):
-            raise ValueError(f"pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size "
-                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got "
+                                 f"{getattr(self, name)!r}")
         for name in ("qk_norm", "tie_embeddings", "bias", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         cap = self.logit_softcap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
             raise ValueError(f"logit_softcap must be a finite number >= 0 (0: no cap), got {cap!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size "
+                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
 
     def non_gpt2_fields(self):
         """{name: value} of the architecture fields that differ from GPT-2's; never zero_init, an init only."""
@@ -217,48 +206,6 @@ class Block(nn.Module):
         return x
 
 
-class MuonAdamW:
-    """A torch.optim.Muon and a torch.optim.AdamW as one optimizer (GPT.configure_optimizers(optimizer="muon")):
-    param_groups (Muon's, then AdamW's), zero_grad, step, state_dict and load_state_dict, as a training loop and its
-    checkpoints use a single torch optimizer."""
-
-    def __init__(self, muon, adamw):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self):
-        # the optimizers' own group dicts, so setting group["lr"] reaches them; a property, because load_state_dict
-        # replaces each optimizer's list of groups with new dicts
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def zero_grad(self, set_to_none=True):
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def step(self):
-        self.muon.step()
-        self.adamw.step()
-
-    def state_dict(self):
-        """The layout of one torch optimizer's, {"state": {id: {...}}, "param_groups": [...]}, Muon's parameters
-        numbered first: code that reads or merges a single optimizer's state (param_groups zipped with the current
-        ones, torch.load(weights_only=True)) reads this one too."""
-        muon, adamw = self.muon.state_dict(), self.adamw.state_dict()
-        n = sum(len(g["params"]) for g in muon["param_groups"])  # AdamW's ids continue after Muon's
-        groups = muon["param_groups"] + [{**g, "params": [i + n for i in g["params"]]} for g in adamw["param_groups"]]
-        state = {**muon["state"], **{i + n: s for i, s in adamw["state"].items()}}
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict):
-        k = len(self.muon.param_groups)  # the first k saved groups are Muon's, holding ids 0..n-1
-        groups, state = state_dict["param_groups"], state_dict["state"]
-        n = sum(len(g["params"]) for g in groups[:k])
-        self.muon.load_state_dict({"state": {i: s for i, s in state.items() if i < n}, "param_groups": groups[:k]})
-        adam_groups = [{**g, "params": [i - n for i in g["params"]]} for g in groups[k:]]
-        adam_state = {i - n: s for i, s in state.items() if i >= n}
-        self.adamw.load_state_dict({"state": adam_state, "param_groups": adam_groups})
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -356,80 +303,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, verbose=False, *,
-                             optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, embedding_lr=0.2, head_lr=0.004,
-                             scalar_lr=0.04):
-        """optimizer="adamw" (GPT-2): AdamW at learning_rate, weight decay on the matrices and embeddings (2-D+) only:
-        biases and norm gains stay undecayed.
-
-        optimizer="muon": a MuonAdamW. Muon at muon_lr (momentum muon_momentum, weight_decay) for the blocks'
-        matrices; AdamW (betas, eps, no weight decay) for the lm_head (tied or not) at head_lr, the untied wte and the
-        wpe at embedding_lr, the norm gains and biases at scalar_lr. Each group's "lr_scale" is its lr over
-        learning_rate, the schedule's peak: a training loop sets group["lr"] = lr * group.get("lr_scale", 1.0)
-        (optimizer="adamw" has no lr_scale: every group at lr itself, exactly)."""
-        if optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-        # the fused kernel updates all parameters in a few launches instead of a loop of small ones per tensor
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        if optimizer == "adamw":
-            params = [p for p in self.parameters() if p.requires_grad]
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]
-            groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-            if verbose:
-                print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), "
-                      f"undecayed tensors: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters), "
-                      f"fused AdamW: {fused}")
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
-                                     **({"fused": True} if fused else {}))
-        # Two optimizers. Muon (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024)
-        # replaces the momentum of each weight matrix by its nearest semi-orthogonal matrix (Newton-Schulz
-        # iterations): every direction of the update moves by the same amount, where a raw gradient is dominated by a
-        # few. That is for the blocks' Linear weights, maps from vectors to vectors (the fused c_attn, (3C, C), is
-        # orthogonalized as one matrix). The embeddings are lookup tables (row i learns only when token i occurs:
-        # orthogonalizing would mix the rows of tokens that were not seen), the lm_head a classifier over the
-        # vocabulary, the gains and biases no matrices at all: for those Adam stays the standard (Keller Jordan's
-        # write-up, modded-nanogpt, nanochat).
-        # The default lrs are nanochat's, tuned at n_embd 768 (matrix 0.02, embedding 0.2, unembedding 0.004; its
-        # AdamW ones scale as (n_embd / 768) ** -0.5, which the caller applies), and modded-nanogpt's 0.04 for its
-        # scalar parameters. The head's lr is 50x below the embedding's: a head update moves every logit of every
-        # position, a wte row only its own token's input, which the blocks see through their pre-norms. A tied
-        # wte/lm_head is the head too, so it takes head_lr.
-        heads, matrices, embeddings, scalars = [], [], [], []
-        for name, p in self.named_parameters():  # a tied wte/lm_head once
-            if not p.requires_grad:
-                continue
-            if p is self.lm_head.weight:
-                heads.append(p)
-            elif name.startswith("transformer.h.") and p.dim() == 2:
-                matrices.append(p)
-            elif p.dim() >= 2:
-                embeddings.append(p)
-            else:
-                scalars.append(p)
-
-        def group(params, lr, **kw):
-            return {"params": params, "lr": lr, "lr_scale": lr / learning_rate, **kw}
-
-        # Weight decay on Muon's matrices only, decoupled (p *= 1 - lr * weight_decay every step: it follows the
-        # schedule). The AdamW groups get none: a wte row would shrink at every step but learn only when its token
-        # occurs, eroding the rare tokens, and neither nanochat nor modded-nanogpt decays embeddings or the head;
-        # gains and biases are not decayed in the AdamW default either. Muon's lr is ~30x AdamW's, and so is the decay
-        # per step for the same weight_decay: modded-nanogpt and nanochat use 0.
-        # Nesterov momentum, Keller Jordan's quintic Newton-Schulz (5 steps) and his lr adjustment
-        # (lr * sqrt(max(1, fan_out / fan_in)): the same update RMS for tall matrices) are torch's defaults.
-        muon = torch.optim.Muon([group(matrices, muon_lr, weight_decay=weight_decay)], momentum=muon_momentum,
-                                nesterov=True)
-        adam_groups = [group(ps, lr, weight_decay=0.0) for ps, lr in
-                       ((heads, head_lr), (embeddings, embedding_lr), (scalars, scalar_lr)) if ps]  # no empty groups
-        adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=eps, **({"fused": True} if fused else {}))
-        if verbose:
-            print(f"Muon: {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters), lr {muon_lr}, "
-                  f"weight decay {weight_decay}; AdamW (fused: {fused}): " + ", ".join(
-                      f"{len(g['params'])} tensors ({sum(p.numel() for p in g['params']):,} parameters) lr {g['lr']}"
-                      for g in adam_groups))
-        return MuonAdamW(muon, adamw)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
         """Append max_new_tokens sampled tokens to idx (B, T): top-k sampling, greedy when temperature is 0.
@@ -482,10 +355,7 @@ class GPT(nn.Module):
         """Load a transformers GPT-2 checkpoint: one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (or any hub id), or a
         local directory with config.json and model.safetensors / pytorch_model.bin. Offline (HF_HUB_OFFLINE, or a hub
         that does not answer) a hub id loads from the local HF cache only, or fails at once."""
-        import http.client
-        import urllib.error
-        import urllib.request
-        from huggingface_hub import constants, is_offline_mode
+        from huggingface_hub import constants
         from transformers import GPT2LMHeadModel
 
         offline = ""  # why only the local HF cache can serve a hub id
@@ -493,17 +363,8 @@ class GPT(nn.Module):
             _check_hf_dir(name_or_path)
         elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
             raise ValueError(f"{name_or_path}: not a directory holding a transformers GPT-2 checkpoint")
-        elif is_offline_mode():
-            offline = "offline mode (HF_HUB_OFFLINE)"
         else:
-            # Unreachable and not cached, huggingface_hub retries 5 times with backoff (~25 s, two warning lines
-            # each): one quick HEAD to the endpoint tells first. Twin of fineweb.hub_unreachable (torch-free there).
-            try:
-                urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=3).close()
-            except urllib.error.HTTPError:
-                pass  # an HTTP answer, whatever its status: the hub is there
-            except (OSError, ValueError, http.client.HTTPException) as e:  # no DNS, refused, timeout, bad HF_ENDPOINT
-                offline = f"no network ({constants.ENDPOINT} unreachable: {getattr(e, 'reason', e)})"
+            offline = hub_offline(constants.HF_HUB_OFFLINE)
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=bool(offline))
         except Exception as e:  # network, hub id, or file format: say which model and why, in one line
@@ -535,46 +396,8 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k, v in sd.items():
                 # transformers' GPT-2 uses Conv1D modules whose weights are (in, out): transpose to nn.Linear's
-                v.copy_(hf_sd[k].t() if _is_conv1d_weight(k) else hf_sd[k])
+                v.copy_(hf_sd[k].t() if is_conv1d_weight(k) else hf_sd[k])
         return model
-
-    def save_pretrained(self, directory, chat=False):
-        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained(directory) loads
-        with the same logits, and GPT-2's tokenizer files (tokenizer.py), so AutoTokenizer and pipeline() work on the
-        directory. A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens.
-        chat (a chat_sft.py model): the rows up to the last chat token (tokenizer.CHAT_VOCAB_SIZE, 50263), the
-        tokenizer with the chat tokens and its chat_template, and <|assistant_end|> as the end of generation: in
-        transformers, apply_chat_template(messages, add_generation_prompt=True) then generate() answers as chat.py."""
-        if not self.config.is_gpt2:
-            changed = ", ".join(f"{name}={value!r}" for name, value in self.config.non_gpt2_fields().items())
-            raise ValueError(f"cannot export {changed} as GPT-2: transformers' GPT2LMHeadModel has GPT-2's "
-                             "architecture only")
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        c = self.config
-        if chat and c.vocab_size < CHAT_VOCAB_SIZE:
-            raise ValueError(f"a chat model needs the chat tokens' rows ({CHAT_VOCAB_SIZE}), this one has "
-                             f"{c.vocab_size}: fine-tune it with chat_sft.py first")
-        vocab = CHAT_VOCAB_SIZE if chat else min(c.vocab_size, GPT2_VOCAB_SIZE)
-        hf_config = GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                               n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # we train without dropout
-        hf = GPT2LMHeadModel(hf_config)
-        if chat:  # generate() ends a reply where chat.py does. pad = eos: generate() then takes no prompt token
-            # for padding when it guesses an attention mask (a pad of <|endoftext|> would mask every prompt's first)
-            hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = ASSISTANT_END
-        sd = {k: v.detach().to("cpu", torch.float32) for k, v in self.state_dict().items()}
-        for k in ("transformer.wte.weight", "lm_head.weight"):
-            sd[k] = sd[k][:vocab]
-        hf.load_state_dict({k: (v.t() if _is_conv1d_weight(k) else v) for k, v in sd.items()}, strict=False)
-        # write into a temporary sibling directory, then move each file into place: an interrupted export never
-        # leaves a half-written model.safetensors under its real name
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
-            hf.save_pretrained(tmp)
-            save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
 
 
 def _check_hf_dir(path):
@@ -594,5 +417,6 @@ def _check_hf_dir(path):
         raise ValueError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
 
 
-def _is_conv1d_weight(name):
+def is_conv1d_weight(name):
+    """Whether transformers' GPT-2 stores this weight as a Conv1D, (in, out): the transpose of nn.Linear's."""
     return name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))

@@ -9,13 +9,13 @@ they share and the first step at which each reached --target (GPT-2 124M's val l
 optional for training and needed only here: `pip install matplotlib`.
 """
 
-import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 
-from checkpoints import atomic_write
-from model import REFERENCES
+from files import REFERENCES, atomic_write
+from options import ConfigError, help_text, option, parse
 
 HELLASWAG_CHANCE = 0.25  # four endings to choose from
 LOG_KINDS = ("train", "val", "hella")
@@ -200,19 +200,27 @@ def table(runs, labels, target):
             for row in rows]
 
 
+@dataclass
+class PlotConfig:
+    logs: tuple = option((os.path.join("log", "log.txt"),), "log.txt of each run to draw (default: log/log.txt)",
+                         positional=True, nargs="*", metavar="LOG", type=str)
+    output: str = option(None, "the PNG to write (default: plot.png next to the log; for several logs, "
+                               "compare.png in the current directory)", aliases=("-o",))
+    labels: str = option(None, "the runs' names, comma-separated, one per log (default: each log's directory name)")
+    target: float = option(REFERENCES["gpt2"]["val"], "the table gives the first step at which each run's val loss "
+                                                      "is <= this (default: GPT-2 124M's)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
-    parser.add_argument("logs", nargs="*", metavar="log", default=[os.path.join("log", "log.txt")],
-                        help="log.txt of each run to draw (default: log/log.txt)")
-    parser.add_argument("-o", "--output",
-                        help="PNG to write (default: plot.png next to the log; for several logs, compare.png in the "
-                             "current directory)")
-    parser.add_argument("--labels", help="the runs' names, comma-separated, one per log (default: each log's "
-                                         "directory name)")
-    parser.add_argument("--target", type=float, default=REFERENCES["gpt2"]["val"],
-                        help="the table gives the first step at which each run's val loss is <= this (default: "
-                             "GPT-2 124M's, %(default)s)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(PlotConfig, "plot.py", __doc__))
+        return 0
+    try:
+        args, _ = parse(PlotConfig, argv)
+    except ConfigError as e:
+        print(f"plot.py: error: {e}", file=sys.stderr)
+        return 2
     logs = args.logs
     output = args.output or (os.path.join(os.path.dirname(logs[0]), "plot.png") if len(logs) == 1 else "compare.png")
     try:

@@ -1,17 +1,8 @@
-"""The project's tokenizer: OpenAI's GPT-2 BPE through tiktoken, its chat format, and their export as transformers
-tokenizer files.
+"""The project's tokenizer: OpenAI's GPT-2 BPE through tiktoken, and its chat format.
 
-    from tokenizer import get_encoding, get_chat_encoding, render_conversation, save_hf_tokenizer
+    from tokenizer import get_encoding, get_chat_encoding, render_conversation
     enc = get_encoding()                                    # tiktoken's GPT-2 BPE: 50257 ids, <|endoftext|> = 50256
-    save_hf_tokenizer("my-gpt2/", model_max_length=1024)    # what transformers.AutoTokenizer.from_pretrained reads
     ids, mask = render_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
-
-The exported files are OpenAI's GPT-2 tokenizer, rebuilt from tiktoken's mergeable ranks with no download:
-vocab.json and merges.txt (the same contents as OpenAI's encoder.json and vocab.bpe), and tokenizer.json +
-tokenizer_config.json written by transformers' own GPT2Tokenizer (byte-level BPE with GPT-2's pre-tokenizer regex).
-AutoTokenizer.from_pretrained(directory) then encodes any text to the ids of
-`get_encoding().encode(text, allowed_special="all")` and decodes them back to the text; eos = bos = <|endoftext|>,
-as in OpenAI's gpt2. GPT.save_pretrained (model.py) calls save_hf_tokenizer, so an export holds weights and tokenizer.
 
 The chat format (chat_sft.py trains it, chat.py speaks it): GPT-2's BPE plus six special tokens of its own, ids
 50257-50262, rows that train_gpt2.py's padded 50304 vocabulary already has, so a model pretrained here needs no
@@ -24,14 +15,13 @@ resize. A conversation is one document:
 and assistant turns alternate. Each content is encoded on its own as ordinary text (a literal "<|user_end|>" typed
 by a user stays text). The loss covers the assistant's content tokens and its <|assistant_end|> (the model learns
 to stop); a reply is asked for by ending the prompt with <|assistant_start|>. CHAT_TEMPLATE is the same format as a
-Jinja template for transformers' apply_chat_template (save_hf_tokenizer(..., chat=True) writes it).
+Jinja template for transformers' apply_chat_template (export.py writes it into a chat model's export).
 
-Importing this module does no work: tiktoken and transformers are imported by the functions that need them.
+Importing this module does no work: tiktoken is imported by the functions that need it.
 """
 
+import codecs
 import functools
-import os
-import tempfile
 
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's one special token (id 50256): document separator, eos and bos
 ENDOFTEXT_ID = 50256
@@ -139,87 +129,29 @@ def render_prompt(messages, enc=None):
 
 
 # -----------------------------------------------------------------------------
-# export as transformers tokenizer files
+# a reply: its tokens and its text as they are sampled
 
-def _bpe(ranks, token, max_rank):
-    """tiktoken's byte pair merging of `token` using only the merges ranked below max_rank: repeatedly join the
-    adjacent pair whose concatenation has the lowest rank."""
-    parts = [bytes([b]) for b in token]
-    while True:
-        best_rank, best_i = None, None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best_rank is None or rank < best_rank):
-                best_rank, best_i = rank, i
-        if best_rank is None:
-            return parts
-        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+def generate_reply(model, idx, *, max_new_tokens, temperature, top_k=None, generator=None):
+    """Yield the token ids of the assistant's reply to the prompt idx (1, T) (ids ending with <|assistant_start|>)
+    as the model samples them (GPT.stream: the KV cache, GPT-2's tokens and the chat tokens), until
+    <|assistant_end|>, which is not yielded, or max_new_tokens. Run it under the device's autocast."""
+    for next_id in model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                                num_tokens=CHAT_VOCAB_SIZE):
+        token = next_id.item()
+        if token == ASSISTANT_END:
+            return
+        yield token
 
 
-def hf_vocab_and_merges(enc=None):
-    """GPT-2's vocab.json and merges.txt contents, derived from a tiktoken encoding's mergeable ranks.
-
-    vocab: {byte-level unicode string: id} for every token (special tokens included, as in OpenAI's encoder.json);
-    merges: [(left, right)] in rank order, one per multi-byte token: the two pieces that BPE with only the lower
-    ranks leaves for that token's bytes, which is how the token was made. For GPT-2 this reproduces OpenAI's
-    encoder.json and vocab.bpe exactly (checked against the originals)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    enc = enc or get_encoding()
-    ranks = enc._mergeable_ranks
-    byte_to_char = bytes_to_unicode()  # GPT-2's reversible map of the 256 bytes onto printable characters
-
-    def as_str(b):
-        return "".join(byte_to_char[x] for x in b)
-
-    vocab = {as_str(token): rank for token, rank in ranks.items()}
-    vocab.update(enc._special_tokens)
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) == 1:
-            continue
-        parts = _bpe(ranks, token, rank)
-        if len(parts) != 2:
-            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of two lower-ranked tokens: {parts}")
-        merges.append((as_str(parts[0]), as_str(parts[1])))
-    return vocab, merges
-
-
-def hf_tokenizer(model_max_length, enc=None, chat=False):
-    """transformers' GPT2Tokenizer (tokenizers-backed, what AutoTokenizer loads) with GPT-2's vocab and merges.
-    chat: the chat encoding's, its special tokens registered as such (each one id, never split), and CHAT_TEMPLATE."""
-    from transformers import GPT2Tokenizer
-
-    enc = enc or (get_chat_encoding() if chat else get_encoding())
-    vocab, merges = hf_vocab_and_merges(enc)
-    tok = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=ENDOFTEXT, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
-                        add_prefix_space=False, model_max_length=model_max_length,
-                        clean_up_tokenization_spaces=False)  # cleanup would turn "don 't" into "don't" on decode
-    extra = [name for name in enc._special_tokens if name != ENDOFTEXT]
-    if extra:  # already in the vocab at their ids: registering them makes them special, not new
-        tok.add_special_tokens({"additional_special_tokens": extra})
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    # every special token of the encoding must be one id in transformers too, the id tiktoken gives it
-    for name, token_id in enc._special_tokens.items():
-        got = tok.encode(name)
-        if got != [token_id]:
-            raise ValueError(f"special token {name!r}: transformers encodes it as {got}, tiktoken as [{token_id}]")
-    return tok
-
-
-def save_hf_tokenizer(directory, model_max_length, chat=False):
-    """Write GPT-2's tokenizer into `directory` (created if missing): tokenizer.json, tokenizer_config.json,
-    vocab.json, merges.txt. Each file is written in a temporary sibling directory first and then moved into place
-    with os.replace, so an interrupted export never leaves a half-written file under its real name.
-    model_max_length: the model's context (block_size). chat: the chat format's tokenizer, with CHAT_TEMPLATE in
-    tokenizer_config.json (where every transformers version reads it). Returns the names of the files written."""
-    tok = hf_tokenizer(model_max_length, chat=chat)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-tokenizer-") as tmp:
-        tok.save_pretrained(tmp, save_jinja_files=False)  # tokenizer.json + tokenizer_config.json
-        tok.backend_tokenizer.model.save(tmp)  # vocab.json + merges.txt, for tools that read GPT-2's two files
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    return names
+def decode_stream(tokens, enc):
+    """Yield the text of token ids as they come. A character whose UTF-8 bytes span several tokens (an emoji, most
+    CJK) is held back until its last byte arrives, so nothing half-decoded is printed; the pieces add up to
+    enc.decode(all the ids), invalid bytes included (U+FFFD, as tiktoken's decode)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        text = decoder.decode(enc.decode_single_token_bytes(token))
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail

@@ -1,22 +1,19 @@
-r"""Train GPT-2 (124M) on FineWeb-Edu 10B on 1 to N GPUs, the GPT-3 small recipe, with exact resume and running evals.
+r"""Train GPT-2 (124M) on FineWeb-Edu 10B with the GPT-3 small recipe, on 1 to N GPUs, with running evals.
 
     python fineweb.py                                          # once: tokenize FineWeb-Edu into edu_fineweb10B/
     python train_gpt2.py                                       # one GPU (or mps / cpu)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # 8 GPUs on one node
-    python train_gpt2.py --data_dir=my_shards --n_layer=4 --n_head=4 --n_embd=64 --block_size=64 --batch_size=16 \
-        --total_batch_size=1024 --max_steps=400 --val_tokens=16384 --compile=false   # laptop size (CPU, mps)
+    python train_gpt2.py --recipe=fast                         # the modern recipe: fewer steps to GPT-2's val loss
 
-Every default below is an option: `--name=value`. Stop it any time (Ctrl-C, kill -9, a lost node) and run the same
-command again: `resume=auto` continues from the newest checkpoint in log_dir with the losses a run never stopped
-would have had. log_dir/log.txt keeps build-nanogpt's format; `python plot.py log/log.txt` draws it.
+Every default below is an option (--name=value or --name value; --help lists them). Stop it any time (Ctrl-C, kill
+-9, a lost node) and run the same command again: it continues from the newest checkpoint in log_dir with the losses
+an unbroken run would have had. log_dir/log.txt is build-nanogpt's format: `python plot.py log/log.txt` draws it.
 """
 
 import contextlib
 import dataclasses
 import glob
-import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -30,43 +27,46 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from checkpoints import (append_log, compare_configs, find_checkpoint, list_checkpoints, load_optimizer_state,
-                         locked_run_dir, model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
-from fineweb import shard_pattern
-from model import GPT, GPT2_VOCAB_SIZE, REFERENCES, GPTConfig
-from runtime import (GB, ConfigError, StopSignal, autocast, dist_from_env, fits_on_gpu, get_device, init_distributed,
-                     largest_fitting, memory_budget, option, parse_args, peak_flops, script_main, setup_precision,
-                     train_memory_bytes, usage)
+from checkpoints import (append_log, compare_configs, find_checkpoint, load_optimizer_state, locked_run_dir,
+                         model_from_checkpoint, pretrained_weights, prepare_log_dir, save_run_checkpoint, set_rng_state)
+from files import REFERENCES, shard_pattern
+from guards import check_config, check_finite, check_same_step, check_start, fit_micro_batch, model_config
+from model import GPT, PADDED_VOCAB_SIZE
+from optim import configure_optimizers, get_lr, train_step
+from options import ConfigError, help_text, option, parse
+from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, peak_flops, peak_memory_bytes,
+                     script_main, setup_precision)
+
+SCRIPT = "train_gpt2.py"
+MAKE_SHARDS = "make them with `python fineweb.py`"
 
 
 def auto_or_int(text):
-    """--batch_size's values: "auto" or a whole number of sequences."""
-    return "auto" if text.strip().lower() == "auto" else int(text)
-
-
-auto_or_int.__name__ = "'auto' or int"  # how --help and parse_args' errors name an option's type
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected 'auto' or int") from None
 
 
 @dataclass
 class TrainConfig:
-    recipe: str = option("gpt2", "gpt2: the GPT-3 small recipe, every default below; fast: the modern recipe, "
-                                 "whose defaults are listed at the end (an option given explicitly still wins)",
+    recipe: str = option("gpt2", "gpt2: the GPT-3 small recipe, every default below; fast: the modern recipe, whose "
+                                 "defaults --help lists at the end (an option given explicitly still wins)",
                          section="recipe")
     data_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B"),
-                           "edufineweb_{train,val}_NNNNNN.npy token shards: by default where fineweb.py writes them, "
-                           "next to this script", section="data and output")
+                           "edufineweb_{train,val}_NNNNNN.npy token shards (fineweb.py's, next to this script)",
+                           section="data and output")
     log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
-    n_layer: int = option(12, "transformer blocks",
-                          section="model: GPT-2 small; the vocabulary is GPT-2's 50257 padded to 50304 = 393 * 128, a "
-                                  "friendlier size for the GPU")
+    n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small")
     n_head: int = option(12, "attention heads (n_embd must be a multiple)")
     n_embd: int = option(768, "width of the residual stream")
-    vocab_size: int = option(50304, "rows of the token embedding (GPT-2's 50257, padded)")
+    vocab_size: int = option(PADDED_VOCAB_SIZE, "rows of the token embedding: GPT-2's 50257 padded to 393 * 128")
     block_size: int = option(1024, "sequence length T")
     init_from: str = option("scratch", "\"scratch\", or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers "
                                        "directory")
-    norm: str = option("layernorm", "layernorm | rmsnorm", section="model: architecture switches, GPT-2's by default "
-                                                                   "(model.GPTConfig)")
+    norm: str = option("layernorm", "layernorm | rmsnorm", section="model: architecture switches, GPT-2's by default")
     mlp: str = option("gelu", "gelu | swiglu | relu2")
     pos_emb: str = option("learned", "learned | rope")
     qk_norm: bool = option(False, "RMS-normalize each head's q and k")
@@ -74,21 +74,21 @@ class TrainConfig:
     bias: bool = option(True, "biases in the linear layers and layer norms")
     logit_softcap: float = option(0.0, "cap * tanh(logits / cap) (0: off)")
     zero_init: bool = option(False, "residual projections (and an untied head) start at zero")
-    batch_size: auto_or_int = option("auto", "micro-batch per process, in sequences; auto: the largest one up to 64 "
-                                             "that fits in memory (a resumed run keeps its own while it fits)",
-                                     section="batch: total_batch_size tokens per optimizer step = batch_size * "
-                                             "block_size * processes * grad_accum_steps")
+    batch_size: int | str = option("auto", "micro-batch per process, in sequences; auto: the largest one up to 64 "
+                                           "that fits in memory (a resumed run keeps its own while it fits)",
+                                   type=auto_or_int, metavar="auto|int",
+                                   section="batch: total_batch_size tokens per step = batch_size * block_size * "
+                                           "processes * grad_accum_steps")
     total_batch_size: int = option(524288, "2**19 tokens, GPT-3 small's 0.5M batch")
     optimizer: str = option("adamw", "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)",
-                            section="optimizer: AdamW, linear warmup then cosine decay to min_lr at max_steps "
-                                    "(GPT-3 small's schedule)")
+                            section="optimizer: AdamW, linear warmup then cosine decay to min_lr (GPT-3 small's)")
     max_lr: float = option(6e-4, "peak learning rate, reached at the end of warmup (muon: the matrices')")
     min_lr: float = option(6e-5, "learning rate at max_steps and after (max_lr / 10)")
     embedding_lr: float = option(0.2, "muon only: the AdamW peak lr of the token (and position) embeddings")
     head_lr: float = option(0.004, "muon only: the AdamW peak lr of the output head")
     scalar_lr: float = option(0.04, "muon only: the AdamW peak lr of norm gains and biases")
-    schedule: str = option("cosine", "cosine (warmup, cosine decay) | warmdown (warmup, constant, then linear decay "
-                                     "over the last warmdown_frac of the steps)")
+    schedule: str = option("cosine", "cosine | warmdown (warmup, constant, then linear to min_lr over the last "
+                                     "warmdown_frac of the steps)")
     warmdown_frac: float = option(0.4, "warmdown only: the fraction of max_steps spent decaying to min_lr")
     warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
     max_steps: int = option(19073, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
@@ -97,21 +97,21 @@ class TrainConfig:
     beta2: float = option(0.95, "")
     eps: float = option(1e-8, "")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    val_every: int = option(250, "val loss", section="evaluation and checkpoints, every N steps and at the last step "
-                                                     "(0: never; the final checkpoint is always saved)")
-    val_tokens: int = option(10485760, "validation tokens from the val shard, whatever the number of processes "
-                                       "(160 x 64K)")
+    val_every: int = option(250, "val loss", section="evaluation and checkpoints, every N steps and at the last "
+                                                     "step (0: never; the final checkpoint is always saved)")
+    val_tokens: int = option(10485760, "val tokens from the val shard, for any number of processes (160 x 64K)")
     hellaswag_every: int = option(250, "HellaSwag acc_norm")
     hellaswag_data: str = option("", "a local hellaswag_val.jsonl, or \"\" to download it once")
     hellaswag_limit: int = option(0, "score the first N examples only (0: all 10,042)")
     sample_every: int = option(250, "text samples from the model")
-    sample_prompt: str = option("Hello, I'm a language model,", "what the samples continue (empty: from <|endoftext|>)")
+    sample_prompt: str = option("Hello, I'm a language model,", "what the samples continue (empty: from "
+                                                                "<|endoftext|>)")
     num_samples: int = option(4, "samples each time")
     sample_length: int = option(32, "new tokens per sample")
     checkpoint_every: int = option(1000, "for an exact resume (Ctrl-C and SIGTERM save one too)")
     keep_checkpoints: int = option(3, "the newest N checkpoints are kept (0: all)")
-    resume: str = option("auto", "\"auto\": the newest checkpoint in log_dir if any; a checkpoint path; \"\": a fresh "
-                                 "run")
+    resume: str = option("auto", "\"auto\": the newest checkpoint in log_dir if any; a checkpoint path; \"\": a "
+                                 "fresh run")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", section="system")
     compile: bool = option(True, "torch.compile the model (cuda and cpu; ignored on mps)")
     seed: int = option(1337, "the initial weights and the samples")
@@ -125,129 +125,25 @@ def recipe_defaults(recipe, cfg):
 
     fast: the modern small-model recipe of modded-nanogpt and nanochat. The block: RMSNorm without biases, rotary
     positions, RMS-normalized q and k, ReLU² MLP, a logit soft-cap, an untied head, residual projections and head
-    starting at zero. The optimizer: Muon for the blocks' matrices (its lr is max_lr), AdamW (betas 0.8, 0.95) for the
-    embeddings, the head and the vectors, no weight decay. The schedule: no warmup, constant, then a linear warmdown
-    to 0 over the last 40% of the steps. AdamW's lrs shrink as 1/sqrt(width) (nanochat's rule, lrs tuned at 768
-    wide), so the same --recipe=fast serves a laptop-size model and GPT-2 small and beyond."""
+    starting at zero. Muon for the blocks' matrices (its lr is max_lr), AdamW (betas 0.8, 0.95) for the rest, no
+    weight decay; no warmup, constant, then a linear warmdown to 0 over the last 40% of the steps. AdamW's lrs shrink
+    as 1/sqrt(width) (nanochat's rule, tuned at 768 wide), so one recipe serves a laptop-size model and GPT-2 small."""
     if recipe == "gpt2":
         return {}
     if recipe != "fast":
         raise ConfigError(f"--recipe must be gpt2 or fast, got {recipe!r}")
     width_scale = (cfg.n_embd / 768) ** -0.5
     return dict(norm="rmsnorm", mlp="relu2", pos_emb="rope", qk_norm=True, tie_embeddings=False, bias=False,
-                logit_softcap=15.0, zero_init=True,
-                optimizer="muon", max_lr=0.02, min_lr=0.0, embedding_lr=0.2 * width_scale,
-                head_lr=0.004 * width_scale, scalar_lr=0.04 * width_scale, weight_decay=0.0, beta1=0.8, beta2=0.95,
-                eps=1e-10, schedule="warmdown", warmdown_frac=0.4, warmup_steps=0)
+                logit_softcap=15.0, zero_init=True, optimizer="muon", max_lr=0.02, min_lr=0.0,
+                embedding_lr=0.2 * width_scale, head_lr=0.004 * width_scale, scalar_lr=0.04 * width_scale,
+                weight_decay=0.0, beta1=0.8, beta2=0.95, eps=1e-10, schedule="warmdown", warmdown_frac=0.4,
+                warmup_steps=0)
 
 
 def parse_config(argv):
-    """The TrainConfig of `--name=value` arguments: TrainConfig's defaults, replaced by the recipe's (--recipe),
-    replaced by the options given."""
-    cfg = parse_args(argv, TrainConfig)
-    given = {arg[2:].split("=", 1)[0] for arg in argv}
+    """TrainConfig's defaults, replaced by the recipe's (--recipe), replaced by the options given."""
+    cfg, given = parse(TrainConfig, argv)
     return dataclasses.replace(cfg, **{k: v for k, v in recipe_defaults(cfg.recipe, cfg).items() if k not in given})
-
-
-# the TrainConfig fields that are the model's architecture (GPTConfig's), taken from the model on resume/init_from;
-# block_size stays the option: the training sequence length may be shorter than the model's positions
-MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)
-                if f.name in {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "block_size"]
-MAKE_SHARDS_HINT = "make them with `python fineweb.py`"
-SCRIPT = "train_gpt2.py"
-
-
-def check_config(cfg, world_size):
-    """Raise ConfigError for a setting that can't work; return grad_accum_steps (None for --batch_size=auto, which
-    setup resolves)."""
-    auto = cfg.batch_size == "auto"
-    if not auto and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
-        raise ConfigError(f"--batch_size must be 'auto' or > 0, got {cfg.batch_size!r}")
-    positive = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "total_batch_size", "max_steps",
-                "num_samples", "sample_length")
-    non_negative = ("warmup_steps", "val_every", "hellaswag_every", "hellaswag_limit", "sample_every",
-                    "checkpoint_every", "keep_checkpoints", "weight_decay", "grad_clip", "min_lr", "embedding_lr",
-                    "head_lr", "scalar_lr", "logit_softcap")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 < cfg.max_lr or not cfg.min_lr <= cfg.max_lr:
-        raise ConfigError(f"need 0 <= min_lr <= max_lr and max_lr > 0, got min_lr={cfg.min_lr} max_lr={cfg.max_lr}")
-    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.eps > 0):
-        raise ConfigError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {cfg.beta1}, {cfg.beta2}, {cfg.eps}")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
-    try:  # the architecture switches, checked by the model's own config
-        GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS})
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.optimizer not in ("adamw", "muon") or cfg.schedule not in ("cosine", "warmdown"):
-        raise ConfigError(f"need --optimizer adamw or muon and --schedule cosine or warmdown, got {cfg.optimizer!r} "
-                          f"and {cfg.schedule!r}")
-    if not 0 <= cfg.warmdown_frac <= 1:
-        raise ConfigError(f"--warmdown_frac must be in [0, 1], got {cfg.warmdown_frac}")
-    if cfg.device not in ("auto", "cuda", "mps", "cpu"):
-        raise ConfigError(f"--device must be auto, cuda, mps or cpu, got {cfg.device!r}")
-    if not cfg.init_from:
-        raise ConfigError("--init_from must be 'scratch' or a GPT-2 model name / directory")
-    # auto: some micro-batch must split the batch, so at least 1 (which splits it if any does)
-    batch_size = 1 if auto else cfg.batch_size
-    tail = " (--batch_size=auto: not even for batch_size 1)" if auto else ""
-    tokens_per_micro_step = batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % tokens_per_micro_step:
-        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
-                          f"processes = {batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro_step}"
-                          + tail)
-    if cfg.val_every and cfg.val_tokens % (batch_size * cfg.block_size):
-        raise ConfigError(f"val_tokens {cfg.val_tokens} is not a multiple of batch_size * block_size = "
-                          f"{batch_size * cfg.block_size}" + tail)
-    if cfg.val_every and cfg.val_tokens <= 0:
-        raise ConfigError(f"--val_tokens must be > 0, got {cfg.val_tokens}")
-    # sampling and HellaSwag speak GPT-2 BPE: a scratch model needs every GPT-2 token id (from_pretrained's has them)
-    if cfg.init_from == "scratch" and cfg.vocab_size < GPT2_VOCAB_SIZE and (cfg.sample_every or cfg.hellaswag_every):
-        raise ConfigError(f"vocab_size {cfg.vocab_size} < {GPT2_VOCAB_SIZE} (GPT-2's tokenizer): "
-                          "sampling and HellaSwag need the GPT-2 vocabulary; set --sample_every=0 --hellaswag_every=0")
-    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("--wandb_log=true needs wandb: pip install wandb")
-    return None if auto else cfg.total_batch_size // tokens_per_micro_step
-
-
-# --batch_size=auto tries at most the recipe's micro-batch, build-nanogpt's 64 x 1024 tokens: it fills an H100, so a
-# larger one would buy no speed, only memory (and larger eval batches)
-MAX_AUTO_BATCH_SIZE = 64
-
-
-def splits_batch(cfg, world_size, batch_size):
-    """Whether micro-batches of batch_size sequences make up total_batch_size in whole micro-steps of every process
-    (and val_tokens in whole batches, where val is on)."""
-    return (cfg.total_batch_size % (batch_size * cfg.block_size * world_size) == 0
-            and not (cfg.val_every and cfg.val_tokens % (batch_size * cfg.block_size)))
-
-
-def batch_size_candidates(cfg, world_size):
-    """The micro-batches --batch_size=auto chooses from, largest first."""
-    return [b for b in range(MAX_AUTO_BATCH_SIZE, 0, -1) if splits_batch(cfg, world_size, b)]
-
-
-def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", warmdown_frac=0.0):
-    """Learning rate of optimizer step `step` (0-based): linear warmup to max_lr, then cosine decay to min_lr at
-    max_steps; or, for schedule "warmdown", max_lr until the last warmdown_frac of the steps, then linear to min_lr."""
-    if step < warmup_steps:
-        # (step + 1): step 0 already learns at max_lr / warmup_steps, and step warmup_steps - 1 at max_lr
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    if schedule == "warmdown":
-        decay_start = max_steps - round(warmdown_frac * max_steps)
-        if step < decay_start:
-            return max_lr
-        return max_lr + (step - decay_start) / (max_steps - decay_start) * (min_lr - max_lr)  # max_lr -> min_lr
-    decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
-    return min_lr + coeff * (max_lr - min_lr)
 
 
 # -----------------------------------------------------------------------------
@@ -262,10 +158,10 @@ class TokenStream:
         pattern = shard_pattern(split)
         if not os.path.isdir(data_dir):
             raise ConfigError(f"data_dir {data_dir}: no such directory (expected {pattern} token shards; "
-                              f"{MAKE_SHARDS_HINT})")
+                              f"{MAKE_SHARDS})")
         self.paths = sorted(glob.glob(os.path.join(data_dir, pattern)))
         if not self.paths:
-            raise ConfigError(f"data_dir {data_dir}: no {pattern} files (expected token shards; {MAKE_SHARDS_HINT})")
+            raise ConfigError(f"data_dir {data_dir}: no {pattern} files (expected token shards; {MAKE_SHARDS})")
         self.shards = [load_shard(path) for path in self.paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()  # stream position of each shard
         self.total = self.starts[-1]
@@ -273,22 +169,18 @@ class TokenStream:
     def read(self, start, n):
         """n tokens (uint16) from stream position start on, wrapping around at the end."""
         out = np.empty(n, dtype=np.uint16)
-        filled = 0
-        pos = start % self.total
+        filled, pos = 0, start % self.total
         while filled < n:
             i = bisect_right(self.starts, pos) - 1  # the shard holding pos
-            offset = pos - self.starts[i]
-            take = min(n - filled, len(self.shards[i]) - offset)
-            out[filled:filled + take] = self.shards[i][offset:offset + take]
-            filled += take
-            pos = (pos + take) % self.total
+            take = min(n - filled, self.starts[i + 1] - pos)
+            out[filled:filled + take] = self.shards[i][pos - self.starts[i]:pos - self.starts[i] + take]
+            filled, pos = filled + take, (pos + take) % self.total
         return out
 
     def where(self, pos):
         """'file at token N' for a stream position, for error messages."""
-        pos %= self.total
-        i = bisect_right(self.starts, pos) - 1
-        return f"{self.paths[i]} at token {pos - self.starts[i]}"
+        i = bisect_right(self.starts, pos % self.total) - 1
+        return f"{self.paths[i]} at token {pos % self.total - self.starts[i]}"
 
 
 def load_shard(path):
@@ -296,28 +188,26 @@ def load_shard(path):
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # numpy raises ValueError, OSError, EOFError... for a file that is not a plain .npy
-        raise ConfigError(f"{path}: not a .npy token shard ({e}); {MAKE_SHARDS_HINT}") from None
+        raise ConfigError(f"{path}: not a .npy token shard ({e}); {MAKE_SHARDS}") from None
     if not isinstance(tokens, np.ndarray) or tokens.dtype != np.uint16 or tokens.ndim != 1:
         got = (f"{tokens.dtype} array of shape {tokens.shape}" if isinstance(tokens, np.ndarray)
                else type(tokens).__name__)
-        raise ConfigError(f"{path}: expected a 1-D uint16 array of GPT-2 tokens, got {got}; {MAKE_SHARDS_HINT}")
+        raise ConfigError(f"{path}: expected a 1-D uint16 array of GPT-2 tokens, got {got}; {MAKE_SHARDS}")
     if len(tokens) == 0:
-        raise ConfigError(f"{path}: empty shard (0 tokens); {MAKE_SHARDS_HINT}")
+        raise ConfigError(f"{path}: empty shard (0 tokens); {MAKE_SHARDS}")
     return tokens
 
 
 def make_batch(stream, start, B, T, vocab_size, device):
-    """Inputs x and targets y (B, T) long on device, from the B*T+1 tokens at stream position start:
-    y is x shifted by one token, each position's next token."""
+    """Inputs x and targets y (B, T) on device from the B*T+1 tokens at stream position start: y is x shifted by one
+    token, each position's next token."""
     buf = stream.read(start, B * T + 1)
     if int(buf.max()) >= vocab_size:  # a cheap check that spares an opaque device-side assert on CUDA
         bad = int(np.argmax(buf >= vocab_size))
-        error = ConfigError(f"token id {buf[bad]} >= vocab_size {vocab_size} in {stream.where(start + bad)}")
-        error.every_rank = True
-        raise error
+        raise ConfigError(f"token id {buf[bad]} >= vocab_size {vocab_size} in {stream.where(start + bad)}",
+                          every_rank=True)  # only this rank reads this chunk
     tokens = torch.from_numpy(buf.astype(np.int64))
-    if device.type == "cuda":
-        # pinned host memory lets the copy run asynchronously, overlapping the GPU's work
+    if device.type == "cuda":  # pinned host memory: the copy runs asynchronously, overlapping the GPU's work
         tokens = tokens.pin_memory().to(device, non_blocking=True)
     else:
         tokens = tokens.to(device)
@@ -325,18 +215,13 @@ def make_batch(stream, start, B, T, vocab_size, device):
 
 
 class TrainLoader:
-    """Micro-batches of the train stream for one rank.
-
-    The global order is build-nanogpt's: the stream is cut into consecutive chunks of B*T tokens (each read with one
-    extra token for the last target); micro-step m of rank r in a run of W ranks takes chunk m*W + r of its step.
-    So W ranks accumulating A micro-steps each see exactly the chunks, in the same order, that one process
-    accumulating W*A micro-steps sees. The position is a token count shared by all ranks (step * total_batch_size
-    between steps), so a checkpoint resumes on any number of ranks.
-    """
+    """Micro-batches of the train stream for one rank, in build-nanogpt's order: the stream is cut into consecutive
+    chunks of B*T tokens, and micro-step m of rank r in a run of W ranks takes chunk m*W + r of its step. So W ranks
+    accumulating A micro-steps each see exactly the chunks one process accumulating W*A micro-steps sees. The
+    position is a token count (step * total_batch_size between steps): a checkpoint resumes on any number of ranks."""
 
     def __init__(self, stream, B, T, rank, world_size, vocab_size, device):
-        self.stream, self.B, self.T = stream, B, T
-        self.rank, self.world_size = rank, world_size
+        self.stream, self.B, self.T, self.rank, self.world_size = stream, B, T, rank, world_size
         self.vocab_size, self.device = vocab_size, device
         self.position = 0  # stream position of the first chunk of the next group of W micro-batches
 
@@ -355,57 +240,30 @@ class TrainLoader:
         self.position = state["position"]
 
 
+def open_data(cfg):
+    """(train stream, val stream or None, HellaSwag examples): everything a run reads, checked before it starts.
+    Every rank maps the shards; each reads only its own chunks."""
+    train_stream = TokenStream(cfg.data_dir, "train")
+    if train_stream.total < cfg.batch_size * cfg.block_size + 1:
+        raise ConfigError(f"data_dir {cfg.data_dir}: the train shards hold {train_stream.total} tokens, fewer than "
+                          f"one micro-batch needs ({cfg.batch_size} * {cfg.block_size} + 1)")
+    val_stream = None
+    if cfg.val_every:
+        val_stream = TokenStream(cfg.data_dir, "val")
+        if val_stream.total < cfg.val_tokens + 1:
+            raise ConfigError(f"data_dir {cfg.data_dir}: the val shard holds {val_stream.total} tokens, "
+                              f"val_tokens={cfg.val_tokens} needs {cfg.val_tokens + 1}")
+    examples = []
+    if cfg.hellaswag_every:
+        try:
+            examples = hellaswag.load_examples(cfg.hellaswag_data or None, limit=cfg.hellaswag_limit or None)
+        except hellaswag.HellaSwagError as e:
+            raise ConfigError(f"{e} (here: --hellaswag_data=FILE, or --hellaswag_every=0 to skip HellaSwag)") from None
+    return train_stream, val_stream, examples
+
+
 # -----------------------------------------------------------------------------
-# one optimizer step, and the evaluations
-
-def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp):
-    """One optimizer step over the micro-batches [(x, y), ...] (each (B, T) on the model's device).
-
-    model is the module to train, wrapped in DistributedDataParallel when ddp is True. Returns (loss, grad_norm), two
-    0-dim tensors on the device: the mean loss over all micro-batches of all ranks, and the gradient norm before
-    clipping (grad_clip 0: no clipping). Nothing here waits for the device: call .item() when you need the numbers.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    grad_accum_steps = len(batches)
-    loss_accum = torch.zeros((), device=batches[0][0].device)
-    for micro_step, (x, y) in enumerate(batches):
-        # DDP all-reduces the gradients during backward; the micro-steps before the last only accumulate locally,
-        # so skip their communication and sync once, on the last micro-step, with the summed gradients
-        last = micro_step == grad_accum_steps - 1
-        with model.no_sync() if ddp and not last else contextlib.nullcontext():
-            with autocast(device_type, autocast_dtype):
-                _, loss = model(x, y)
-            # The loss is the mean over one micro-batch's B*T tokens, and backward() adds each micro-step's
-            # gradient to .grad. The sum of grad_accum_steps means is grad_accum_steps times too large: dividing
-            # each loss by grad_accum_steps turns the sum into the mean over the whole batch, the gradient that a
-            # single batch of grad_accum_steps * B sequences would give.
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()  # a device tensor: no host sync in the loop
-            loss.backward()
-    if ddp:
-        # DDP averaged the gradients over ranks; average the logged loss too (SUM / N: gloo has no AVG)
-        dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-        loss_accum /= dist.get_world_size()
-    # With max_norm=inf the clip coefficient clamps to 1: the gradients stay as they are, the norm is still measured.
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon+AdamW: each group its own peak (model.MuonAdamW)
-    optimizer.step()
-    return loss_accum, grad_norm
-
-
-def finite_or_reported(loss, grad_norm, step, log_dir, master, script):
-    """Whether a step's loss and gradient norm are finite; if not, rank 0 prints one line naming the step and the last
-    checkpoint (left as it is), and the loop stops with exit code 1."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return True
-    saved = list_checkpoints(log_dir)
-    last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
-    if master:
-        print(f"{script}: error: step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, {last_good}",
-              file=sys.stderr, flush=True)
-    return False
-
+# the evaluations (the optimizer step itself is optim.train_step)
 
 @torch.no_grad()
 def evaluate_loss(model, stream, *, n_chunks, B, T, vocab_size, device, autocast_dtype, rank, world_size):
@@ -438,7 +296,7 @@ def sample(model, enc, *, prompt, num_samples, length, seed, device, autocast_dt
 
 
 # -----------------------------------------------------------------------------
-# setup: device, precision, model, optimizer, compile, DDP (bench.py builds its step with the same function)
+# setup: device, precision, model, micro-batch, optimizer, compile, DDP
 
 @dataclass
 class Setup:
@@ -452,148 +310,30 @@ class Setup:
     optimizer: torch.optim.Optimizer
 
 
-def build_model(cfg, checkpoint, log):
-    """(the GPT to train, the options in force): the checkpoint's model on resume, GPT-2 weights for init_from (whose
-    architecture replaces the options'), else a fresh init of the options' architecture."""
-    if checkpoint is not None:
-        model = model_from_checkpoint(checkpoint)
-        if cfg.init_from == "scratch":
-            differ = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(model.config, k)})" for k in MODEL_FIELDS
-                      if getattr(model.config, k) != getattr(cfg, k)]
-            if differ:
-                raise ConfigError(f"the checkpoint's model differs from the options: {', '.join(differ)}")
-    elif cfg.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS}))
-    else:
-        try:
-            model = GPT.from_pretrained(cfg.init_from)
-        except ValueError as e:
-            raise ConfigError(f"--init_from={cfg.init_from}: {e}") from None
-        log(f"init_from={cfg.init_from}: the model's own architecture replaces {'/'.join(MODEL_FIELDS)}")
-    if cfg.block_size > model.config.block_size:
-        raise ConfigError(f"block_size {cfg.block_size} > the model's {model.config.block_size} positions")
-    return model, dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
-
-
-def check_same_step(start_step, device):
-    """Every rank reads log_dir itself: on several nodes without a shared log_dir they would resume different steps
-    (or some none) and train replicas that silently drift apart. Collective: every rank calls it."""
-    steps = torch.tensor([start_step, -start_step], device=device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # [max, -min]
-    if steps[0].item() != -steps[1].item():
-        raise ConfigError(f"the ranks found different checkpoints to resume (steps {-steps[1].item()} to "
-                          f"{steps[0].item()}): log_dir must be one directory that every node shares")
-
-
-def tensor_storages(obj):
-    """{address: bytes} of the storages of the tensors in nested dicts, lists and tuples (a loaded checkpoint): one
-    entry for a storage that several share (the tied wte / lm_head)."""
-    if isinstance(obj, torch.Tensor):
-        return {obj.untyped_storage().data_ptr(): obj.untyped_storage().nbytes()}
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return {address: n for item in items for address, n in tensor_storages(item).items()}
-
-
-def choose_batch_size(cfg, d, device, model, autocast_dtype, budget, kept, log):
-    """cfg with --batch_size=auto resolved: the largest candidate micro-batch that fits, kept (a resumed run's own)
-    tried first, since another split of the same batch changes the losses in their last bits and the resume would not
-    be exact. On a GPU by trial steps of model (on the device); on cpu and mps by train_memory_bytes for model's shapes
-    (it may be on the meta device) against budget, memory_budget's (bytes, description). The ranks all take the
-    smallest of their choices. Logs the choice and why; raises ConfigError where not even one sequence fits."""
-    T, n_params = cfg.block_size, model.num_params()
-    if device.type == "cuda":
-        # the run also holds AdamW's two moments (allocated by its first step) and, under DDP, buckets as large as the
-        # gradients; 5% of the GPU is headroom for the allocator's fragmentation and the evals' other shapes
-        reserve = (8 + 4 * d.ddp) * n_params + torch.cuda.get_device_properties(device).total_memory // 20
-
-        def fits(b):
-            return fits_on_gpu(model, b, T, reserve, autocast_dtype)
-    else:
-        def need(b):
-            return train_memory_bytes(model.config, n_params, b, T, attention_matrix=device.type == "mps")
-
-        def fits(b):
-            return need(b) <= budget[0]
-    first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
-    chosen, rejected = largest_fitting(batch_size_candidates(cfg, d.world_size), fits, first)
-    own = chosen
-    if d.ddp:  # the ranks must cut the batch alike: all take the smallest choice (0: none fits on some rank)
-        smallest = torch.tensor(chosen or 0, device=device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        chosen = smallest.item() or None
-    if chosen is None and device.type == "cuda":
-        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens runs out of GPU memory in a trial step "
-                          f"(with {reserve / GB:.1f} GB reserved for the optimizer's state); train a smaller model or "
-                          "shorter sequences (--block_size)")
-    if chosen is None:
-        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens would need ~{need(1) / GB:.1f} GB, "
-                          f"{budget[1]}; train a smaller model or shorter sequences (--block_size)")
-    if device.type == "cuda":
-        why = f"{rejected[-1]} ran out of GPU memory in a trial step" if rejected else "a trial step fits in GPU memory"
-    else:
-        why = (f"{rejected[-1]} would need ~{need(rejected[-1]) / GB:.1f} GB" if rejected else
-               f"needs ~{need(chosen) / GB:.1f} GB") + f", {budget[1]}"
-    if chosen != own:
-        why += f"; another rank can take only {chosen}"
-    if kept is not None and chosen == kept:
-        why = "the checkpoint's, which still fits: the resume stays exact"
-    elif kept is not None:
-        why = (f"the checkpoint's {kept} {'no longer fits' if first else 'no longer splits the batch'}: the losses "
-               f"will differ from an unbroken run's in the last bits; {why}")
-    accum = cfg.total_batch_size // (chosen * T * d.world_size)
-    log(f"micro-batch {chosen} (auto: {why}) x {accum} accumulation steps")
-    return dataclasses.replace(cfg, batch_size=chosen)
-
-
 def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
     """Everything a training step needs, for the ranks d: the device (the local rank's GPU) and its precision, the
-    process group, the model (from checkpoint, read from checkpoint_path, with its optimizer state, if given), the
-    optimizer, torch.compile and the DDP wrapper. Raises ConfigError."""
-    check_config(cfg, d.world_size)
+    model (the checkpoint's, with its optimizer state, on resume), the micro-batch, the optimizer, torch.compile and
+    the DDP wrapper. Raises ConfigError."""
     device = get_device(cfg.device, d)
     init_distributed(d, device)
     if d.ddp:
         check_same_step(checkpoint["step"] if checkpoint else 0, device)
     autocast_dtype = setup_precision(device)
-    # --batch_size=auto: on cpu and mps, an estimate against the memory available, read before the run allocates
-    # anything; a checkpoint being resumed is freed once loaded into the model and optimizer, so it counts as available
-    kept = checkpoint["train_config"].get("batch_size") if checkpoint is not None else None
-    budget = None
-    if cfg.batch_size == "auto" and device.type != "cuda":
-        budget = memory_budget(device, extra=sum(tensor_storages(checkpoint).values()) if device.type == "cpu" else 0)
-        if checkpoint is None and cfg.init_from == "scratch":
-            # the shapes alone, on the meta device (no memory): a micro-batch that cannot fit is refused before the
-            # weights take any
-            with torch.device("meta"):
-                shapes = GPT(GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in MODEL_FIELDS}))
-            cfg = choose_batch_size(cfg, d, device, shapes, autocast_dtype, budget, kept, log)
+    start = checkpoint or pretrained_weights(cfg.init_from)  # the weights the run starts from; None: a fresh init
+    cfg = check_start(cfg, start, checkpoint_path, log)  # the architecture in force
+    cfg = fit_micro_batch(cfg, d, device, autocast_dtype, start, log)  # --batch_size=auto
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
-    try:
-        raw_model, cfg = build_model(cfg, checkpoint, log)
-    except ConfigError as e:
-        raise ConfigError(f"{checkpoint_path}: {e}" if checkpoint else str(e)) from None
-    if budget is not None and cfg.batch_size == "auto":  # a resume, init_from: the architecture is known only now
-        cfg = choose_batch_size(cfg, d, device, raw_model, autocast_dtype, budget, kept, log)
+    raw_model = model_from_checkpoint(start, checkpoint_path) if start else GPT(model_config(cfg))
     raw_model.to(device)
-    if cfg.batch_size == "auto":  # cuda: by trial steps on the device
-        cfg = choose_batch_size(cfg, d, device, raw_model, autocast_dtype, None, kept, log)
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * d.world_size)
-    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device.type,
-                                               verbose=d.master, optimizer=cfg.optimizer, muon_lr=cfg.max_lr,
-                                               embedding_lr=cfg.embedding_lr, head_lr=cfg.head_lr,
-                                               scalar_lr=cfg.scalar_lr)
-    if checkpoint is not None:
-        trained_with = checkpoint["train_config"].get("optimizer", "adamw")
-        if trained_with != cfg.optimizer:
-            raise ConfigError(f"{checkpoint_path}: trained with --optimizer={trained_with}, not {cfg.optimizer}: its "
-                              "optimizer state is that optimizer's (pick another --log_dir for a new run)")
+    optimizer = configure_optimizers(raw_model, cfg, device.type, verbose=d.master)
+    if checkpoint:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
     use_compile = cfg.compile and device.type != "mps"
     if cfg.compile and not use_compile:
         log("note: torch.compile is not used on mps")
     model = torch.compile(raw_model) if use_compile else raw_model
     train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.ddp else model
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * d.world_size)
     return Setup(cfg=cfg, device=device, autocast_dtype=autocast_dtype, grad_accum_steps=grad_accum_steps,
                  raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer)
 
@@ -601,30 +341,9 @@ def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
 # -----------------------------------------------------------------------------
 # the run
 
-def open_data(cfg):
-    """(train stream, val stream or None, HellaSwag examples): everything a run reads, checked before it starts.
-    Every rank maps the shards; each reads only its own chunks."""
-    train_stream = TokenStream(cfg.data_dir, "train")
-    if train_stream.total < cfg.batch_size * cfg.block_size + 1:
-        raise ConfigError(f"data_dir {cfg.data_dir}: the train shards hold {train_stream.total} tokens, fewer than "
-                          f"one micro-batch needs ({cfg.batch_size} * {cfg.block_size} + 1)")
-    val_stream = None
-    if cfg.val_every:
-        val_stream = TokenStream(cfg.data_dir, "val")
-        if val_stream.total < cfg.val_tokens + 1:
-            raise ConfigError(f"data_dir {cfg.data_dir}: the val shard holds {val_stream.total} tokens, "
-                              f"val_tokens={cfg.val_tokens} needs {cfg.val_tokens + 1}")
-    examples = []
-    if cfg.hellaswag_every:
-        try:
-            examples = hellaswag.load_examples(cfg.hellaswag_data or None, limit=cfg.hellaswag_limit or None)
-        except hellaswag.HellaSwagError as e:
-            raise ConfigError(f"{e} (here: --hellaswag_data=FILE, or --hellaswag_every=0 to skip HellaSwag)") from None
-    return train_stream, val_stream, examples
-
-
-def format_ms(seconds):
-    return f"{seconds * 1000:.1f} ms"
+def due(step, every, last):
+    """Whether a periodic task (every N steps, 0: never) runs at step: at its multiples and at the last step."""
+    return every > 0 and (step % every == 0 or last)
 
 
 def format_mfu(flops_per_token, tokens_per_sec, peak, world_size):
@@ -632,23 +351,13 @@ def format_mfu(flops_per_token, tokens_per_sec, peak, world_size):
     return f"{flops_per_token * tokens_per_sec / (peak * world_size):.1%}" if peak else "n/a"
 
 
-def due(step, every, last):
-    """Whether a periodic task (every N steps, 0: never) runs at step: at its multiples and at the last step."""
-    return every > 0 and (step % every == 0 or last)
-
-
-def run(cfg, d):
-    """Train with cfg on this process's share of the ranks d; returns the exit code. Rank 0 holds log_dir's lock
-    from the start: a second run into the same log_dir stops there."""
-    with locked_run_dir(cfg.log_dir) if d.master else contextlib.nullcontext():
-        return train(cfg, d)
-
-
 def train(cfg, d):
+    """Train with cfg on this process's share of the ranks d; returns the exit code."""
     def log(message):
         if d.master:
             print(message, flush=True)
 
+    check_config(cfg, d.world_size)
     resume_path, checkpoint = find_checkpoint(cfg.log_dir, cfg.resume, log)
     s = setup(cfg, d, checkpoint, resume_path, log)
     cfg, device, raw_model = s.cfg, s.device, s.raw_model
@@ -668,25 +377,26 @@ def train(cfg, d):
     enc = tiktoken.get_encoding("gpt2") if cfg.sample_every else None
 
     # log_dir: config.json, log.txt (cut back to the resumed step, then appended), checkpoints
-    log_path = None
+    log_path, wandb = None, None
     if d.master:
         resolved = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(raw_model.config),
                     "world_size": d.world_size, "grad_accum_steps": s.grad_accum_steps, "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                    "torch": torch.__version__,
                     "num_params": raw_model.num_params(), "compile": s.model is not raw_model,
                     "autocast_dtype": str(s.autocast_dtype) if s.autocast_dtype else "float32"}
         print(json.dumps(resolved, indent=2))
         log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
-    wandb = None
-    if cfg.wandb_log and d.master:
-        import wandb  # optional dependency, imported only when asked for
+        if cfg.wandb_log:
+            import wandb  # optional, imported only when asked for
 
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
 
-    def record(step, kind, value, fmt):
+    def record(step, kind, value, fmt, **extra):
         if d.master:
             append_log(log_path, step, kind, value, fmt)
             if wandb:
-                wandb.log({kind: value}, step=step)
+                wandb.log({kind: value, **extra}, step=step)
 
     def save(step):
         return save_run_checkpoint(cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master, log=log,
@@ -694,9 +404,7 @@ def train(cfg, d):
                                    train_config=dataclasses.asdict(cfg), device=device)
 
     gpt2, gpt3 = REFERENCES["gpt2"], REFERENCES["gpt3"]
-    flops_per_token = raw_model.flops_per_token(cfg.block_size)
-    peak = peak_flops(device)
-    tokens_per_micro_batch = cfg.batch_size * cfg.block_size
+    flops_per_token, peak = raw_model.flops_per_token(cfg.block_size), peak_flops(device)
     step_times = []  # seconds of each train step of this process (evals and checkpoints excluded)
     log(f"total batch {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world_size} "
         f"process(es) x {s.grad_accum_steps} micro-steps; {raw_model.num_params():,} parameters on {device}")
@@ -710,10 +418,10 @@ def train(cfg, d):
                 s.model.eval()
                 t0 = time.perf_counter()
                 if do_val:
-                    val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // tokens_per_micro_batch,
-                                             B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size,
-                                             device=device, autocast_dtype=s.autocast_dtype, rank=d.rank,
-                                             world_size=d.world_size)
+                    val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // (cfg.batch_size *
+                                             cfg.block_size), B=cfg.batch_size, T=cfg.block_size,
+                                             vocab_size=cfg.vocab_size, device=device,
+                                             autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size)
                     log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
                     record(step, "val", val_loss, ".4f")
                 if do_hella:
@@ -744,37 +452,40 @@ def train(cfg, d):
             loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            if not finite_or_reported(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
+            if not check_finite(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
                 return 1
             tokens_per_sec = cfg.total_batch_size / dt
-            log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {format_ms(dt)} | "
+            log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
                 f"{tokens_per_sec:,.0f} tok/s | MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}")
-            record(step, "train", loss, ".6f")
-            if wandb:
-                wandb.log({"lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec}, step=step)
+            record(step, "train", loss, ".6f", lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec)
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
             if code := stop.stop_after(step, save, SCRIPT, device, d):
                 return code
 
-    # the first step of a process includes torch.compile's work and warm-up: leave it out of the average
-    steady = step_times[1:] or step_times
+    steady = step_times[1:] or step_times  # the first step of a process includes torch.compile's work and warm-up
     if steady:
-        mean = sum(steady) / len(steady)
-        tokens_per_sec = cfg.total_batch_size / mean
-        log(f"done: {len(steady)} steps averaged {format_ms(mean)}/step, {tokens_per_sec:,.0f} tok/s, "
-            f"MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)} "
-            "(the first step of this process excluded: warm-up, and torch.compile's work when on)")
+        tokens_per_sec = cfg.total_batch_size * len(steady) / sum(steady)
+        log(f"done: {len(steady)} steps averaged {1000 * sum(steady) / len(steady):.1f} ms/step, "
+            f"{tokens_per_sec:,.0f} tok/s, MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}, "
+            f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB (the first step of this process excluded: "
+            "warm-up, and torch.compile's work when on)")
     if wandb:
         wandb.finish()
     return 0
+
+
+def run(cfg, d):
+    """Rank 0 holds log_dir's lock from the start: a second run into the same log_dir stops there."""
+    with locked_run_dir(cfg.log_dir) if d.master else contextlib.nullcontext():
+        return train(cfg, d)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         fast = recipe_defaults("fast", TrainConfig())
-        print(usage(__doc__, TrainConfig, "at the top of train_gpt2.py") + "\n\n  --recipe=fast sets (for the default "
-              "n_embd 768; the AdamW lrs scale as (768 / n_embd) ** 0.5):\n    " +
+        print(help_text(TrainConfig, SCRIPT, __doc__) + "\n\n  --recipe=fast sets (for the default n_embd 768; the "
+              "AdamW lrs scale as (768 / n_embd) ** 0.5):\n    " +
               " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
         return 0
     d = dist_from_env()

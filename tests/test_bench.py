@@ -1,4 +1,5 @@
-"""bench.py on CPU: it runs train_gpt2.py's step on a tiny model and prints its figures; bad options are one line."""
+"""bench/train_step.py on CPU: it runs train_gpt2.py on a tiny model and prints its figures; bad options are one
+line."""
 
 import re
 import subprocess
@@ -11,7 +12,8 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_siz
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "bench.train_step", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_bench_prints_speed_figures():
@@ -20,8 +22,8 @@ def test_bench_prints_speed_figures():
     steps = re.findall(r"^step +(\d+) \| loss ([\d.]+) \| ([\d.]+) ms", p.stdout, re.M)
     assert [int(s) for s, _, _ in steps] == [0, 1, 2, 3]
     last = p.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"bench: device=cpu torch=\S+ params=([\d,]+) batch=2x32x2 compile=False ms/step=([\d.]+) "
-                     r"tokens/s=([\d,]+) mfu=n/a peak_mem=([\d.]+)GiB", last)
+    m = re.fullmatch(r"bench: device=cpu torch=\S+ params=([\d,]+) batch=2x32x2 processes=1 compile=False "
+                     r"ms/step=([\d.]+) tokens/s=([\d,]+) mfu=n/a peak_mem=([\d.]+)GiB", last)
     assert m, last
     params, ms, tps, mem = m.groups()
     assert int(params.replace(",", "")) > 50304 * 32  # the padded embedding alone
@@ -41,7 +43,7 @@ def test_bench_picks_the_micro_batch_itself():
 
 def test_bench_bad_options():
     p = run_bench(*TINY, "--steps=0")
-    assert p.returncode == 2 and p.stderr.strip().startswith("bench.py: error: need --steps >= 1"), p.stderr
+    assert p.returncode == 2 and p.stderr.strip().startswith("bench/train_step.py: error: need --steps >= 1"), p.stderr
     p = run_bench(*TINY, "--total_batch_size=100")
     assert p.returncode == 2 and "not a multiple" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     p = run_bench("--bogus=1")
@@ -49,7 +51,7 @@ def test_bench_bad_options():
 
 
 def test_bench_runs_the_fast_recipe():
-    """--recipe=fast's step (Muon + AdamW, the modern block) through the same setup() a training run uses."""
+    """--recipe=fast's step (Muon + AdamW, the modern block): the training command with its recipe."""
     p = run_bench(*TINY, "--recipe=fast", "--steps=2", "--warmup=1")
     assert p.returncode == 0, p.stderr
     losses = [float(v) for v in re.findall(r"^step +\d+ \| loss ([\d.]+)", p.stdout, re.M)]

@@ -68,12 +68,8 @@ def write_parquet(path, docs, row_group_size=7):
 
 
 def run(argv):
-    """fineweb.main in this process; returns its exit status (0 when it returns normally)."""
-    try:
-        fineweb.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
+    """fineweb.main in this process; returns its exit status."""
+    return fineweb.main([str(a) for a in argv])
 
 
 def shard_files(out_dir):
@@ -510,3 +506,51 @@ def test_hub_path_through_datasets(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f'fineweb.py: error: {tmp_path / "bad"}: no "text" column (columns: content)'
     assert not (tmp_path / "out_bad").exists()
+
+
+def test_options_both_spellings_bare_flag_and_one_line_errors(tmp_path, capsys):
+    """--name=value and --name value give the same run, a bare --streaming is true; a bad option, the two sources
+    together, or hub options with --input files: one error line, exit 2, nothing written. --help exits 0."""
+    a = write_jsonl(tmp_path / "a.jsonl", make_docs(30, seed=11))
+    assert run(["--input", a, "--output_dir", tmp_path / "spaced", "--shard_size", 100, "--num_proc", 1]) == 0
+    assert run([f"--input={a}", f"--output_dir={tmp_path / 'equals'}", "--shard_size=100", "--num_proc=1"]) == 0
+    assert dir_bytes(tmp_path / "spaced") == dir_bytes(tmp_path / "equals")
+    args = fineweb.parse_args(["--streaming", "--name", "sample-100BT"])
+    assert args.streaming is True and args.name == "sample-100BT" and args.val_size == fineweb.SHARD_SIZE
+    assert fineweb.parse_args(["--streaming=false"]).streaming is False
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for argv, message in [
+        (["--bogus=1"], "unknown option --bogus"),
+        (["--bogus", "1"], "unknown option --bogus"),
+        (["--shard_size", "0"], "--shard_size=0: must be >= 1"),
+        (["--num_proc=two"], "--num_proc=two: expected int"),
+        (["--streaming=maybe"], "--streaming=maybe: expected true/false"),
+        (["--input", a, "--dataset", "x"], "--dataset and --input exclude each other"),
+        (["--input", a, "--streaming"], "--name and --streaming apply to a hub --dataset, not to --input files"),
+        (["--input", a, "--name", "x"], "--name and --streaming apply to a hub --dataset, not to --input files"),
+        (["--input"], "argument --input: expected at least one argument"),
+    ]:
+        assert run([*argv, "--output_dir", out]) == 2, argv
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("fineweb.py: error: ") and message in err[0], (argv, err)
+    assert not out.exists()
+    assert run(["--help"]) == 0
+    help_out = capsys.readouterr().out
+    assert "python fineweb.py --input" in help_out
+    assert all(f"--{name}=" in help_out for name in ("dataset", "input", "name", "streaming", "output_dir",
+                                                     "shard_size", "val_size", "num_proc"))
+
+
+def test_bench_tokenize_speed_runs_from_the_root():
+    """python -m bench.tokenize_speed, as its docstring launches it (fineweb's spawn workers included): both ways
+    give identical tokens; a bad option is one line."""
+    def bench(*argv):
+        return subprocess.run([sys.executable, "-m", "bench.tokenize_speed", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    r = bench("--mb", "0.05", "--rounds=1", "--num_proc", "2")
+    assert r.returncode == 0, r.stderr
+    assert "identical from both ways" in r.stdout and "ratio fineweb.py / build-nanogpt: " in r.stdout
+    r = bench("--rounds", "0")
+    assert r.returncode == 2 and r.stderr.splitlines() == ["bench.tokenize_speed: error: --rounds=0: must be >= 1"]

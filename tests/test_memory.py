@@ -1,21 +1,24 @@
 """--batch_size=auto: the largest micro-batch that fits, gradient accumulation making up total_batch_size. The memory
-budget is set by the tests (runtime.available_memory patched); the GPU trial's search runs on an injected fits."""
+budget is set by the tests (guards.available_memory patched); the GPU trial's search runs on an injected fits."""
 
+import dataclasses
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
 import types
+import weakref
 
 import pytest
 import torch
 
-import bench
-import runtime
+import guards
 import train_gpt2
 from conftest import ROOT
 from model import GPT, GPTConfig
+from options import ConfigError
 from runtime import Dist
 from test_train import SUBPROCESS_ENV, VOCAB, load, read_log, tiny_args, write_shards
 from train_gpt2 import main
@@ -29,11 +32,11 @@ def need(b, config=TINY, block_size=T):
     """The estimate for micro-batches of b sequences of config's model."""
     with torch.device("meta"):
         n_params = GPT(config).num_params()
-    return runtime.train_memory_bytes(config, n_params, b, block_size)
+    return guards.train_memory_bytes(config, n_params, b, block_size)
 
 
 def set_budget(monkeypatch, nbytes):
-    monkeypatch.setattr(runtime, "available_memory", lambda device: (nbytes, "available per the test"))
+    monkeypatch.setattr(guards, "available_memory", lambda device: (nbytes, "available per the test"))
     return nbytes
 
 
@@ -85,7 +88,7 @@ def test_largest_candidate_when_everything_fits(data_dir, tmp_path, monkeypatch,
 def test_not_even_one_sequence_is_one_line_before_the_model_is_built(tmp_path, monkeypatch, capsys):
     set_budget(monkeypatch, 10**9)
     built = []
-    monkeypatch.setattr(train_gpt2, "build_model", lambda *a: built.append(a))
+    monkeypatch.setattr(train_gpt2, "GPT", lambda *a: built.append(a))
     assert main([f"--data_dir={tmp_path}", f"--log_dir={tmp_path / 'log'}"]) == 2  # GPT-2 small: the defaults
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304)
     assert capsys.readouterr().err == (
@@ -99,7 +102,7 @@ def test_explicit_batch_size_is_obeyed(data_dir, tmp_path, monkeypatch, capsys):
     def no_estimate(device):
         raise AssertionError("an explicit --batch_size needs no estimate")
 
-    monkeypatch.setattr(runtime, "available_memory", no_estimate)
+    monkeypatch.setattr(guards, "available_memory", no_estimate)
     assert main(args(data_dir, tmp_path / "log", batch_size=2, max_steps=1)) == 0
     assert "micro-batch" not in capsys.readouterr().out
     saved = saved_config(tmp_path / "log")
@@ -121,13 +124,13 @@ def test_batch_size_errors(argv, message, tmp_path, capsys):
 
 def test_candidates_keep_the_batch_whole():
     cfg = train_gpt2.parse_config([])
-    assert train_gpt2.batch_size_candidates(cfg, 1) == [64, 32, 16, 8, 4, 2, 1]  # at most the recipe's 64
-    assert train_gpt2.batch_size_candidates(cfg, 8) == [64, 32, 16, 8, 4, 2, 1]  # 64 x 1024 x 8 processes
-    assert train_gpt2.batch_size_candidates(cfg, 16) == [32, 16, 8, 4, 2, 1]
+    assert guards.batch_size_candidates(cfg, 1) == [64, 32, 16, 8, 4, 2, 1]  # at most the recipe's 64
+    assert guards.batch_size_candidates(cfg, 8) == [64, 32, 16, 8, 4, 2, 1]  # 64 x 1024 x 8 processes
+    assert guards.batch_size_candidates(cfg, 16) == [32, 16, 8, 4, 2, 1]
     cfg = train_gpt2.parse_config(["--total_batch_size=49152", "--val_every=0"])  # 48 sequences
-    assert train_gpt2.batch_size_candidates(cfg, 1) == [48, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    assert guards.batch_size_candidates(cfg, 1) == [48, 24, 16, 12, 8, 6, 4, 3, 2, 1]
     cfg = train_gpt2.parse_config(["--total_batch_size=49152", "--val_tokens=16384"])  # and 16 for val
-    assert train_gpt2.batch_size_candidates(cfg, 1) == [16, 8, 4, 2, 1]
+    assert guards.batch_size_candidates(cfg, 1) == [16, 8, 4, 2, 1]
 
 
 # -----------------------------------------------------------------------------
@@ -160,18 +163,17 @@ def test_resume_keeps_its_micro_batch_while_it_fits(data_dir, tmp_path, monkeypa
     assert load(log_dir / "model_00006.pt")["train_config"]["batch_size"] == 4
 
 
-def test_resume_whose_micro_batch_no_longer_splits_the_batch():
+def test_resume_whose_micro_batch_no_longer_splits_the_batch(monkeypatch):
     cfg = train_gpt2.parse_config(["--n_layer=2", "--n_head=2", "--n_embd=32", f"--vocab_size={VOCAB}",
                                    f"--block_size={T}", f"--total_batch_size={32 * T}", "--val_every=0",
                                    "--sample_every=0", "--hellaswag_every=0"])
-    with torch.device("meta"):
-        model = GPT(TINY)
+    monkeypatch.setattr(guards, "available_memory", lambda device: (10**12, "plenty"))
+    start = {"config": dataclasses.asdict(TINY), "train_config": {"batch_size": 3}}  # a checkpoint's, no tensors
     lines = []
-    cfg = train_gpt2.choose_batch_size(cfg, ONE_PROCESS, torch.device("cpu"), model, None, (10**12, "plenty"),
-                                       kept=3, log=lines.append)
+    cfg = guards.fit_micro_batch(cfg, ONE_PROCESS, torch.device("cpu"), None, start, log=lines.append)
     assert cfg.batch_size == 32
     assert lines == [f"micro-batch 32 (auto: the checkpoint's 3 no longer splits the batch: the losses will differ "
-                     f"from an unbroken run's in the last bits; needs ~{need(32) / 1e9:.1f} GB, plenty) x 1 "
+                     f"from an unbroken run's in the last bits; needs ~{need(32) / 1e9:.1f} GB, 1000.0 GB plenty) x 1 "
                      "accumulation steps"]
 
 
@@ -186,81 +188,84 @@ def test_search_tries_largest_first_and_stops_at_the_first_fit():
         return b <= 12
 
     candidates = [64, 32, 16, 8, 4, 2, 1]
-    assert runtime.largest_fitting(candidates, fits) == (8, [64, 32, 16]) and tried == [64, 32, 16, 8]
+    assert guards.largest_fitting(candidates, fits) == (8, [64, 32, 16]) and tried == [64, 32, 16, 8]
     tried.clear()
-    assert runtime.largest_fitting(candidates, fits, first=4) == (4, []) and tried == [4]  # a resume: its own first
+    assert guards.largest_fitting(candidates, fits, first=4) == (4, []) and tried == [4]  # a resume: its own first
     tried.clear()
-    assert runtime.largest_fitting(candidates, fits, first=16) == (8, [16]) and tried == [16, 8]  # then the smaller
-    assert runtime.largest_fitting(candidates, lambda b: False) == (None, candidates)
+    assert guards.largest_fitting(candidates, fits, first=16) == (8, [16]) and tried == [16, 8]  # then the smaller
+    assert guards.largest_fitting(candidates, lambda b: False) == (None, candidates)
 
 
 def test_gpu_choice_by_trial(monkeypatch):
-    """choose_batch_size on "cuda" with fits_on_gpu injected: the largest candidate whose trial fits, the optimizer's
+    """fit_micro_batch on "cuda" with fits_on_gpu injected: the largest candidate whose trial fits, the optimizer's
     moments and 5% of the GPU reserved, and a resumed run's own micro-batch first."""
     trials = []
 
-    def fake_trial(model, b, block_size, reserve, autocast_dtype):
+    def fake_trial(config, b, block_size, reserve, autocast_dtype, device):
         trials.append((b, block_size, reserve))
         return b <= 16
 
-    monkeypatch.setattr(train_gpt2, "fits_on_gpu", fake_trial)
+    monkeypatch.setattr(guards, "fits_on_gpu", fake_trial)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=8e9))
     cfg = train_gpt2.parse_config(["--val_every=0"])
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=50304))
     lines = []
     cuda = torch.device("cuda")
-    resolved = train_gpt2.choose_batch_size(cfg, ONE_PROCESS, cuda, model, torch.bfloat16, None, None, lines.append)
+    resolved = guards.fit_micro_batch(cfg, ONE_PROCESS, cuda, torch.bfloat16, None, lines.append)
     assert resolved.batch_size == 16 and lines == ["micro-batch 16 (auto: 32 ran out of GPU memory in a trial step) "
                                                    "x 32 accumulation steps"]
     assert [b for b, _, _ in trials] == [64, 32, 16]
     assert {(t, r) for _, t, r in trials} == {(1024, 8 * model.num_params() + 8e9 // 20)}
     trials.clear()
-    resolved = train_gpt2.choose_batch_size(cfg, ONE_PROCESS, cuda, model, torch.bfloat16, None, 8, lines.append)
+    start = {"config": dataclasses.asdict(model.config), "train_config": {"batch_size": 8}}  # a resume
+    resolved = guards.fit_micro_batch(cfg, ONE_PROCESS, cuda, torch.bfloat16, start, lines.append)
     assert resolved.batch_size == 8 and [b for b, _, _ in trials] == [8]
     assert lines[-1] == ("micro-batch 8 (auto: the checkpoint's, which still fits: the resume stays exact) x 64 "
                          "accumulation steps")
-    monkeypatch.setattr(train_gpt2, "fits_on_gpu", lambda *a: False)
-    with pytest.raises(runtime.ConfigError, match=r"^--batch_size=auto: even one sequence of 1024 tokens runs out of "
-                                                  r"GPU memory in a trial step \(with [\d.]+ GB reserved"):
-        train_gpt2.choose_batch_size(cfg, ONE_PROCESS, cuda, model, torch.bfloat16, None, None, lines.append)
+    monkeypatch.setattr(guards, "fits_on_gpu", lambda *a: False)
+    with pytest.raises(ConfigError, match=r"^--batch_size=auto: even one sequence of 1024 tokens runs out of "
+                                          r"GPU memory in a trial step \(with [\d.]+ GB reserved"):
+        guards.fit_micro_batch(cfg, ONE_PROCESS, cuda, torch.bfloat16, None, lines.append)
 
 
-def test_trial_step_frees_what_a_failed_attempt_held():
-    """fits_on_gpu catches the out-of-memory error, and leaves no gradient behind either way (on the CPU here, the
-    error raised by the model once its backward has made gradients)."""
-    torch.manual_seed(0)
-    model = GPT(TINY)
-    forward = model.forward
+def test_trial_step_frees_what_a_failed_attempt_held(monkeypatch):
+    """fits_on_gpu catches the out-of-memory error, and the model it built for the trial, its gradients and graph
+    are gone either way (on the CPU here, the error raised by the model once its backward has made gradients)."""
+    forward, built = GPT.forward, []
 
-    def forward_running_out_above_2(idx, targets=None):
-        logits, loss = forward(idx, targets)
+    def forward_running_out_above_2(self, idx, targets=None):
+        built.append(weakref.ref(self))
+        logits, loss = forward(self, idx, targets)
         if idx.size(0) > 2:
             loss.backward()
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return logits, loss
 
-    model.forward = forward_running_out_above_2
-    assert runtime.fits_on_gpu(model, 4, T, 1024, None) is False
-    assert all(p.grad is None for p in model.parameters())
-    assert runtime.fits_on_gpu(model, 2, T, 1024, None) is True
-    assert all(p.grad is None for p in model.parameters())
+    monkeypatch.setattr(GPT, "forward", forward_running_out_above_2)
+    cpu = torch.device("cpu")
+    assert guards.fits_on_gpu(TINY, 4, T, 1024, None, cpu) is False
+    assert guards.fits_on_gpu(TINY, 2, T, 1024, None, cpu) is True
+    gc.collect()
+    assert len(built) == 2 and all(ref() is None for ref in built)
 
 
 # -----------------------------------------------------------------------------
-# bench.py, and the figures behind the choice
+# the bench, and the figures behind the choice
 
-def test_bench_with_a_small_budget_picks_a_smaller_micro_batch(monkeypatch, capsys):
-    gpt2_vocab = GPTConfig(block_size=T, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
-    set_budget(monkeypatch, (need(4, gpt2_vocab) + need(8, gpt2_vocab)) // 2)
-    assert bench.main(["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", f"--block_size={T}",
-                       f"--total_batch_size={32 * T}", "--compile=false", "--steps=1", "--warmup=0"]) == 0
-    out = capsys.readouterr().out
-    assert "micro-batch 4 (auto: 8 would need" in out and " batch=4x32x8 " in out
+def test_bench_follows_the_runs_choice():
+    """bench/train_step.py measures the micro-batch a training run with the same options picks, and says so."""
+    options = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", f"--block_size={T}",
+               f"--total_batch_size={32 * T}", "--compile=false"]
+    p = subprocess.run([sys.executable, "-m", "bench.train_step", *options, "--steps=1", "--warmup=0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert p.returncode == 0, p.stderr
+    chosen = re.search(r"^micro-batch (\d+) \(auto: .*\) x (\d+) accumulation steps$", p.stdout, re.M)
+    assert chosen and f" batch={chosen[1]}x{T}x{chosen[2]} " in p.stdout, p.stdout
 
 
 def test_available_memory_and_the_cgroup_limit(tmp_path, monkeypatch):
-    available, where = runtime.available_memory("cpu")
+    available, where = guards.available_memory("cpu")
     if os.path.exists("/proc/meminfo"):
         total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
         assert 0 < available <= total and where in ("available per /proc/meminfo", "left under the cgroup's memory "
@@ -271,30 +276,34 @@ def test_available_memory_and_the_cgroup_limit(tmp_path, monkeypatch):
     (tmp_path / "v2" / "job" / "memory.current").write_text("3000000000\n")
     (tmp_path / "v2" / "job" / "memory.stat").write_text("anon 2000000000\ninactive_file 500000000\n")
     (tmp_path / "v2.cgroup").write_text("0::/job\n")
-    assert runtime.cgroup_memory_left(str(tmp_path / "v2.cgroup"), str(tmp_path / "v2")) == 5_500_000_000
+    assert guards.cgroup_memory_left(str(tmp_path / "v2.cgroup"), str(tmp_path / "v2")) == 5_500_000_000
     (tmp_path / "v1" / "memory").mkdir(parents=True)
     (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("4000000000\n")
     (tmp_path / "v1" / "memory" / "memory.usage_in_bytes").write_text("1000000000\n")
     (tmp_path / "v1" / "memory" / "memory.stat").write_text("cache 1\ntotal_inactive_file 0\n")
     (tmp_path / "v1.cgroup").write_text("5:cpu:/x\n4:memory:/docker/abc\n0::/\n")
-    assert runtime.cgroup_memory_left(str(tmp_path / "v1.cgroup"), str(tmp_path / "v1")) == 3_000_000_000
+    assert guards.cgroup_memory_left(str(tmp_path / "v1.cgroup"), str(tmp_path / "v1")) == 3_000_000_000
     (tmp_path / "v2" / "job" / "memory.max").write_text("max\n")
-    assert runtime.cgroup_memory_left(str(tmp_path / "v2.cgroup"), str(tmp_path / "v2")) is None
+    assert guards.cgroup_memory_left(str(tmp_path / "v2.cgroup"), str(tmp_path / "v2")) is None
     # the lower of MemAvailable and the cgroup's limit
-    monkeypatch.setattr(runtime, "cgroup_memory_left", lambda: 12345)
-    assert runtime.available_memory("cpu") == (12345, "left under the cgroup's memory limit")
+    monkeypatch.setattr(guards, "cgroup_memory_left", lambda: 12345)
+    assert guards.available_memory("cpu") == (12345, "left under the cgroup's memory limit")
 
 
 def test_estimate_is_above_the_measured_peak():
-    """bench.py's peak RSS on CPU (what the run adds to the process) at one small shape with the full vocabulary: the
-    estimate is above it, and not absurdly."""
+    """The peak RSS of two training steps on CPU (what the run adds to the process) at one small shape with the full
+    vocabulary: the estimate is above it, and not absurdly."""
     shape = dict(n_layer=2, n_embd=128, block_size=256, vocab_size=50304)
     options = [f"--{k}={v}" for k, v in shape.items()] + ["--n_head=2", "--batch_size=4", "--total_batch_size=2048",
                                                           "--device=cpu", "--compile=false"]
-    code = (f"import resource, sys\nsys.path.insert(0, {ROOT!r})\nimport bench, train_gpt2\n"
+    code = (f"import resource, sys, torch\nsys.path.insert(0, {ROOT!r})\nimport optim, runtime, train_gpt2\n"
             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
             f"cfg = train_gpt2.parse_config({options!r})\nbase = rss()\n"
-            "bench.bench(cfg, bench.BenchConfig(steps=1, warmup=1))\n"
+            "s = train_gpt2.setup(cfg, runtime.dist_from_env())\n"
+            "x = torch.randint(0, 50257, (s.grad_accum_steps, 4, 257))\n"
+            "for _ in range(2):  # the first step allocates AdamW's moments, the second is a step as every other\n"
+            "    optim.train_step(s.train_model, s.optimizer, [(b[:, :-1], b[:, 1:]) for b in x], lr=1e-4, "
+            "grad_clip=1.0, device_type='cpu', autocast_dtype=None, ddp=False)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n")
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("needs Linux's /proc")
@@ -313,9 +322,9 @@ def test_ranks_take_the_smallest_choice(data_dir, tmp_path):
     script.write_text(
         "import os, sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import runtime, train_gpt2\n"
+        "import guards, train_gpt2\n"
         f"budget = {budgets!r}[int(os.environ['RANK'])]\n"
-        "runtime.available_memory = lambda device: (budget, 'available per the test')\n"
+        "guards.available_memory = lambda device: (budget, 'available per the test')\n"
         "sys.exit(train_gpt2.main(sys.argv[1:]))\n")
     log_dir = tmp_path / "log"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,4 +1,4 @@
-"""model.py against transformers' GPT-2: logits, loss, export, generation; attention, sizes, init, variants, errors."""
+"""model.py against transformers' GPT-2: logits, loss, generation; attention, sizes, init, variants, errors."""
 
 import dataclasses
 import json
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, KVCache, MuonAdamW, apply_rope, rope_tables
+from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, KVCache, apply_rope, rope_tables
+from optim import adamw
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -54,28 +55,6 @@ def test_logits_at_positions(ours):
     expected = torch.stack([full[b, positions[b]] for b in range(2)])  # (2, 3, vocab)
     assert_close(picked, expected, rtol=1e-5, atol=1e-5)
     assert_close(loss, F.cross_entropy(expected.view(-1, expected.size(-1)), targets.view(-1)))
-
-
-def test_export_roundtrip_and_greedy_generation(tmp_path, tiny_hf_dir, ours):
-    ours.save_pretrained(tmp_path / "export")
-    exported = hf_model(tmp_path / "export")
-    idx = random_tokens((2, 30), seed=2)
-    with torch.no_grad():
-        assert_close(exported(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
-    prompt = random_tokens((1, 8), seed=3)
-    ref = exported.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=GPT2_VOCAB_SIZE - 1)
-    assert torch.equal(ours.generate(prompt, 20, temperature=0), ref)
-    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "export").iterdir())
-
-
-def test_padded_vocab_exports_real_rows(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50304, **TINY)).eval()
-    model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == GPT2_VOCAB_SIZE
-    idx = random_tokens((2, 16), seed=4)
-    with torch.no_grad():
-        assert_close(hf_model(tmp_path)(idx).logits, model(idx)[0][..., :GPT2_VOCAB_SIZE], rtol=1e-5, atol=1e-5)
 
 
 def explicit_attention(attn, x):
@@ -133,7 +112,7 @@ def test_variants_train_and_keep_size(norm, mlp):
         assert GPT(GPTConfig(n_layer=1, mlp=mlp)).transformer.h[0].mlp.c_proj.in_features == 2048
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=128, norm=norm, mlp=mlp, **TINY))
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 1e-8, "cpu")
+    opt = adamw(model, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
     x = random_tokens((4, 33), vocab=128)  # one fixed batch: a model that learns must drive its loss down
     losses = []
     for _ in range(20):
@@ -180,7 +159,7 @@ def test_switches_train(switches):
                    for b in blocks)
         # an untied head starts at 0; a tied one is the input embedding and keeps its init
         assert (torch.count_nonzero(model.lm_head.weight) == 0) == (not c.tie_embeddings)
-    opt = model.configure_optimizers(0.1, 5e-3, (0.9, 0.95), 1e-8, "cpu")
+    opt = adamw(model, lr=5e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
     x, y = pattern_batch()
     losses = []
     for _ in range(15):
@@ -296,29 +275,6 @@ def test_logit_softcap_squashes_logits_and_loss():
     assert_close(loss, F.cross_entropy(capped.view(-1, 256), targets.view(-1)))
 
 
-@pytest.mark.parametrize("switches", [s for s in SWITCHES if s != dict(zero_init=True)], ids=switches_id)
-def test_save_pretrained_refuses_variants(tmp_path, switches):
-    model = GPT(GPTConfig(**TINY, **switches))
-    changed = [k for k in switches if k != "zero_init"]
-    with pytest.raises(ValueError, match="cannot export .* as GPT-2") as e:
-        model.save_pretrained(tmp_path)
-    assert all(f"{k}={switches[k]!r}" in str(e.value) for k in changed), str(e.value)
-    assert not any(tmp_path.iterdir())  # refused before anything is written
-
-
-def test_configure_optimizers_decays_matrices_only(capsys):
-    model = GPT(GPTConfig(**TINY))
-    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
-    assert capsys.readouterr().out == ""  # silent unless verbose
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
-    model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu", verbose=True)
-    assert "decayed tensors" in capsys.readouterr().out
-
-
 def test_generate_past_block_size_top_k_and_seeded():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50304, **dict(TINY, block_size=16))).eval()
@@ -416,8 +372,6 @@ def test_bad_inputs(tmp_path):
         GPTConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="unknown GPTConfig fields: dropout"):
         GPTConfig.from_dict({"dropout": 0.1})
-    with pytest.raises(ValueError, match="cannot export norm='rmsnorm'"):
-        GPT(GPTConfig(norm="rmsnorm", **TINY)).save_pretrained(tmp_path / "x")
     with pytest.raises(ValueError, match="no config.json"):
         GPT.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -440,151 +394,3 @@ def test_non_gpt2_activation_is_refused(tmp_path):
                                activation_function="relu")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function='relu'"):
         GPT.from_pretrained(str(tmp_path))
-
-
-# -----------------------------------------------------------------------------
-# the optimizers: AdamW (GPT-2's, the default) and Muon + AdamW (--recipe=fast)
-
-MUON_LRS = dict(muon_lr=0.02, embedding_lr=0.2, head_lr=0.004, scalar_lr=0.04)
-
-
-def muon_optimizer(model, learning_rate=0.02, weight_decay=0.0):
-    return model.configure_optimizers(weight_decay, learning_rate, (0.8, 0.95), 1e-10, "cpu", optimizer="muon",
-                                      **MUON_LRS)
-
-
-def set_lr(optimizer, lr):
-    """train_step's rule: every group at the schedule's lr times its lr_scale (none: 1)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def ids(params):
-    return [id(p) for p in params]  # tensors compare elementwise: compare them by identity
-
-
-def test_default_optimizer_is_gpt2_adamw():
-    model = GPT(GPTConfig(**TINY))
-    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
-    assert type(opt) is torch.optim.AdamW
-    params = list(model.parameters())
-    assert [ids(g["params"]) for g in opt.param_groups] == [ids(p for p in params if p.dim() >= 2),
-                                                            ids(p for p in params if p.dim() < 2)]
-    assert all(g["lr"] == 6e-4 and "lr_scale" not in g for g in opt.param_groups)
-    explicit = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu", optimizer="adamw")
-    assert explicit.state_dict() == opt.state_dict()
-    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'muon'"):
-        model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu", optimizer="sgd")
-
-
-@pytest.mark.parametrize("switches", [{}, FAST], ids=["gpt2", "fast"])
-def test_muon_gets_the_block_matrices_adamw_the_rest(switches, capsys):
-    model = GPT(GPTConfig(**SMALL, **switches))
-    opt = muon_optimizer(model, learning_rate=1e-3, weight_decay=0.05)
-    assert isinstance(opt, MuonAdamW) and capsys.readouterr().out == ""
-    assert type(opt.muon) is torch.optim.Muon and type(opt.adamw) is torch.optim.AdamW
-    assert opt.param_groups == opt.muon.param_groups + opt.adamw.param_groups
-    matrices = [m.weight for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-    muon, *adam = opt.param_groups
-    assert sorted(ids(muon["params"])) == sorted(ids(matrices))
-    assert muon["lr"] == 0.02 and muon["weight_decay"] == 0.05 and muon["momentum"] == 0.95 and muon["nesterov"]
-    # the head (the tied wte too), the embeddings, the gains and biases: each parameter in exactly one group
-    head, embeddings, scalars = adam
-    assert ids(head["params"]) == [id(model.lm_head.weight)] and head["lr"] == 0.004
-    expected = [] if model.config.tie_embeddings else [model.transformer.wte.weight]
-    expected += [model.transformer.wpe.weight] if "wpe" in model.transformer else []
-    assert ids(embeddings["params"]) == ids(expected) and embeddings["lr"] == 0.2
-    assert all(p.dim() == 1 for p in scalars["params"]) and scalars["lr"] == 0.04
-    assert all(g["weight_decay"] == 0.0 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 for g in adam)
-    everything = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(everything) == sorted(ids(model.parameters()))  # parameters() yields a tied matrix once
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
-    for g in opt.param_groups:
-        assert_close(g["lr_scale"], g["lr"] / 1e-3)
-    model.configure_optimizers(0.0, 0.02, (0.8, 0.95), 1e-10, "cpu", verbose=True, optimizer="muon")
-    assert "Muon: 8 matrices" in capsys.readouterr().out
-
-
-def test_muon_trains_the_fast_model():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, **FAST))
-    opt = muon_optimizer(model)
-    x, y = pattern_batch()
-    losses = []
-    for _ in range(15):
-        opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        set_lr(opt, 0.02)
-        opt.step()
-        losses.append(loss.item())
-    assert_close(losses[0], math.log(256))  # zero_init, untied: the uniform distribution
-    assert losses[-1] < 0.6 * losses[0], losses
-
-
-def test_lr_scale_gives_every_group_its_own_lr():
-    """The schedule's lr times lr_scale is each group's lr: a step of MuonAdamW at schedule lr 0.25 * learning_rate
-    is a step of torch's Muon and AdamW built with a quarter of muon_lr, head_lr, embedding_lr and scalar_lr."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**SMALL, **FAST))
-    ref = GPT(GPTConfig(**SMALL, **FAST))
-    ref.load_state_dict(model.state_dict())
-    opt = muon_optimizer(model, learning_rate=1e-3, weight_decay=0.1)
-    set_lr(opt, 0.25e-3)
-    assert [g["lr"] for g in opt.param_groups] == [0.25 * lr for lr in (0.02, 0.004, 0.2, 0.04)]
-    r = dict(ref.named_parameters())
-    blocks = [p for n, p in r.items() if n.startswith("transformer.h.") and p.dim() == 2]
-    ref_muon = torch.optim.Muon(blocks, lr=0.25 * 0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
-    ref_adamw = torch.optim.AdamW([{"params": [r["lm_head.weight"]], "lr": 0.25 * 0.004},
-                                   {"params": [r["transformer.wte.weight"]], "lr": 0.25 * 0.2},
-                                   {"params": [p for p in r.values() if p.dim() == 1], "lr": 0.25 * 0.04}],
-                                  betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
-    x, y = pattern_batch()
-    for _ in range(2):  # two steps: zero_init leaves c_fc's first gradient at 0
-        for m, opts in ((model, [opt]), (ref, [ref_muon, ref_adamw])):
-            _, loss = m(x, y)
-            loss.backward()
-            for o in opts:
-                o.step()
-                o.zero_grad(set_to_none=True)
-    for name, p in model.named_parameters():
-        assert_close(p, r[name], rtol=1e-6, atol=0, msg=name)
-    assert not torch.equal(model.lm_head.weight, torch.zeros_like(model.lm_head.weight))  # it did learn
-
-
-def test_muon_state_dict_resumes_exactly(tmp_path):
-    """state_dict -> torch.save -> torch.load(weights_only=True) -> a fresh optimizer (as checkpoints load it): the
-    next steps give bitwise the parameters and state of the run that went on, at the lrs set after loading."""
-    from checkpoints import load_optimizer_state
-
-    torch.manual_seed(0)
-    x, y = pattern_batch()
-    model = GPT(GPTConfig(**SMALL, **FAST))
-    opt = muon_optimizer(model)
-
-    def step(m, o, lr):
-        o.zero_grad(set_to_none=True)
-        _, loss = m(x, y)
-        loss.backward()
-        set_lr(o, lr)
-        o.step()
-
-    for i in range(3):
-        step(model, opt, 0.02 * (1 - i / 10))
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    resumed = GPT(GPTConfig(**SMALL, **FAST))
-    resumed.load_state_dict(saved["model"])
-    resumed_opt = muon_optimizer(resumed)
-    load_optimizer_state(resumed_opt, saved["optimizer"])
-    for i in range(3, 5):  # lrs the checkpoint never saw: set through param_groups after the load
-        step(model, opt, 0.02 * (1 - i / 10))
-        step(resumed, resumed_opt, 0.02 * (1 - i / 10))
-    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
-        assert torch.equal(p, q), name
-    a, b = opt.state_dict(), resumed_opt.state_dict()
-    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
-    for i, state in a["state"].items():
-        assert state.keys() == b["state"][i].keys()
-        assert all(torch.equal(v, b["state"][i][k]) for k, v in state.items()), i
-    assert len(a["state"]) == len(list(model.parameters()))  # Muon's momenta and AdamW's moments, one id each

@@ -149,3 +149,25 @@ def test_unwritable_output_is_one_line(two_logs, tmp_path, capsys, where, proble
     # nothing written anywhere: no temporary file left next to the output, the directory in the way untouched
     assert sorted(os.listdir(tmp_path)) == ["a_dir", "a_file", "run_a", "run_b"]
     assert os.listdir(tmp_path / "a_dir") == []
+
+
+def test_options_spellings_alias_and_one_line_errors(two_logs, tmp_path, capsys):
+    """-o, -o=FILE, --output FILE and --output=FILE write the same plot; a bad or unknown option is one error line;
+    --help lists every option and exits 0."""
+    outputs = [tmp_path / f"{i}.png" for i in range(4)]
+    for i, argv in enumerate([["-o", outputs[0]], [f"-o={outputs[1]}"], ["--output", outputs[2]],
+                              [f"--output={outputs[3]}", "--target=4.7"]]):
+        assert plot.main([*two_logs, *map(str, argv), "--labels", "a,b"]) == 0
+    assert len({p.read_bytes() for p in outputs[:3]}) == 1 and outputs[3].read_bytes()[:8] == PNG_MAGIC
+    capsys.readouterr()
+    for extra, message in [(["--target", "low"], "plot.py: error: --target=low: expected float"),
+                           (["--colour=red"], "plot.py: error: unknown option --colour (see --help for the options)"),
+                           (["--labels"], "plot.py: error: argument --labels: expected one argument (see --help)")]:
+        assert plot.main([*two_logs, "-o", str(tmp_path / "bad.png"), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == [message] and captured.out == ""
+    assert not (tmp_path / "bad.png").exists()
+    assert plot.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python plot.py log/log.txt -o log/plot.png" in out
+    assert all(f"--{name}=" in out for name in ("output", "labels", "target")) and "LOGS" in out

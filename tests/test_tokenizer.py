@@ -1,4 +1,4 @@
-"""tokenizer.py and the export's tokenizer: transformers loads GPT-2's tokenizer from a GPT.save_pretrained directory
+"""tokenizer.py and the export's tokenizer: transformers loads GPT-2's tokenizer from an export.py directory
 and it gives tiktoken's ids, decodes back, and serves pipeline("text-generation"). Nothing from the network."""
 
 import json
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, GPT2_VOCAB_SIZE
-from tokenizer import ENDOFTEXT, get_encoding, save_hf_tokenizer
+from export import save_hf_tokenizer, save_pretrained
+from tokenizer import ENDOFTEXT, get_encoding
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32, vocab_size=50304)
 
@@ -56,7 +57,7 @@ def tiny_gpt():
 @pytest.fixture(scope="module")
 def export_dir(tiny_gpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("export")
-    tiny_gpt.save_pretrained(path)
+    save_pretrained(tiny_gpt, path)
     return str(path)
 
 

@@ -20,7 +20,7 @@ import checkpoints
 import train_gpt2
 from conftest import ROOT
 from model import GPT, GPTConfig
-from train_gpt2 import TokenStream, TrainLoader, get_lr, main
+from train_gpt2 import TokenStream, TrainLoader, main
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 VOCAB = 256  # small vocabulary: fast steps (runs with sampling / HellaSwag use GPT-2's)
@@ -95,19 +95,6 @@ def data_dir(tmp_path_factory):
 
 # -----------------------------------------------------------------------------
 # configuration and the LR schedule
-
-def test_lr_schedule():
-    kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
-    assert get_lr(0, **kw) == pytest.approx(6e-4 / 715)
-    assert get_lr(714, **kw) == pytest.approx(6e-4)  # the last warmup step reaches max_lr
-    assert get_lr(715, **kw) == pytest.approx(6e-4)  # cosine starts at the top
-    assert get_lr((715 + 19073) // 2, **kw) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-4)  # half way down
-    assert get_lr(19073, **kw) == pytest.approx(6e-5)
-    assert get_lr(25000, **kw) == 6e-5  # past the end: min_lr
-    lrs = [get_lr(s, **kw) for s in range(715, 19074)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotonic decay
-    assert get_lr(0, **{**kw, "warmup_steps": 0}) == pytest.approx(6e-4)
-
 
 def test_parse_args_types_and_defaults():
     cfg = parse_args(["--compile=false", "--max_lr=1e-3", "--n_layer=3", "--wandb_run_name=a=b", "--resume="])
@@ -252,22 +239,6 @@ def test_cli_error_exit_code_and_one_line(tmp_path):
 # -----------------------------------------------------------------------------
 # the training step and a whole run
 
-def test_train_step_accumulation_equals_one_big_batch():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    other = copy.deepcopy(model)
-    x, y = torch.randint(0, 64, (2, 4, 16)), torch.randint(0, 64, (2, 4, 16))
-    kw = dict(lr=1e-2, grad_clip=1.0, device_type="cpu", autocast_dtype=None, ddp=False)
-    opt_a = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 1e-8, "cpu")
-    opt_b = other.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 1e-8, "cpu")
-    loss_a, norm_a = train_gpt2.train_step(model, opt_a, [(x[0], y[0]), (x[1], y[1])], **kw)
-    loss_b, norm_b = train_gpt2.train_step(other, opt_b, [(x.view(8, 16), y.view(8, 16))], **kw)
-    assert_close(loss_a, loss_b)
-    assert_close(norm_a, norm_b)
-    for p, q in zip(model.parameters(), other.parameters()):
-        assert_close(p, q)
-
-
 def test_tiny_run_learns_logs_and_checkpoints(data_dir, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
     assert main(tiny_args(data_dir, log_dir, keep_checkpoints=2, checkpoint_every=10)) == 0
@@ -287,7 +258,7 @@ def test_tiny_run_learns_logs_and_checkpoints(data_dir, tmp_path, capsys):
     assert ckpt["train_config"]["max_steps"] == 40
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     # hellaswag.py's --model rebuilds it from "model" and "config"
-    model = checkpoints.load_model(os.path.join(log_dir, "model_00040.pt"))
+    model, _ = checkpoints.load_model(os.path.join(log_dir, "model_00040.pt"))
     assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
     # running again with resume=auto: already done
     assert main(tiny_args(data_dir, log_dir)) == 0
@@ -381,7 +352,7 @@ def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path, recipe):
         deadline = time.time() + 100
         while time.time() < deadline:
             assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
-            ckpts = train_gpt2.list_checkpoints(broken)
+            ckpts = checkpoints.list_checkpoints(broken)
             lines = open(log_path).read().split("\n")[:-1] if ckpts else []  # complete lines only
             trained = [int(line.split()[0]) for line in lines if " train " in line]
             if trained and max(trained) >= ckpts[-1][0] + 3:  # a checkpoint, then a few more steps
@@ -526,7 +497,7 @@ def test_signal_saves_a_checkpoint_and_the_rerun_continues_exactly(data_dir, tmp
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum
-    ckpts = train_gpt2.list_checkpoints(stopped)
+    ckpts = checkpoints.list_checkpoints(stopped)
     assert len(ckpts) == 1 and 25 <= ckpts[0][0] < steps
     name = signal.Signals(signum).name
     assert err == (f"train_gpt2.py: stopped at step {ckpts[0][0]} ({name}); saved {ckpts[0][1]}; run the same "
@@ -551,7 +522,7 @@ def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["train_gpt2.py: interrupted, nothing saved since the last checkpoint; run the "
                                         "same command to continue from it"]
-    assert train_gpt2.list_checkpoints(log_dir) == []
+    assert checkpoints.list_checkpoints(log_dir) == []
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
@@ -572,7 +543,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_pat
     finally:
         proc.kill()
         proc.wait()
-    ckpts = train_gpt2.list_checkpoints(log_dir)
+    ckpts = checkpoints.list_checkpoints(log_dir)
     assert len(ckpts) == 1, (ckpts, err[-2000:])
     step, path = ckpts[0]
     assert f"train_gpt2.py: stopped at step {step} (SIGTERM); saved {path}; run the same command to continue" in err
@@ -736,14 +707,6 @@ def test_recipes_resolve_their_defaults(tmp_path):
     assert (narrow.n_embd, narrow.pos_emb) == (192, "rope")
     with pytest.raises(train_gpt2.ConfigError, match="--recipe must be gpt2 or fast"):
         parse_args(["--recipe=slow"])
-
-
-def test_warmdown_schedule():
-    kw = dict(max_lr=0.02, min_lr=0.0, warmup_steps=0, max_steps=100, schedule="warmdown", warmdown_frac=0.4)
-    assert [get_lr(s, **kw) for s in (0, 59, 60)] == [0.02, 0.02, 0.02]  # constant until the last 40 steps
-    assert get_lr(80, **kw) == pytest.approx(0.01) and get_lr(99, **kw) == pytest.approx(0.0005)
-    assert get_lr(100, **kw) == 0.0
-    assert get_lr(4, **{**kw, "warmup_steps": 10}) == pytest.approx(0.01)  # warmup as in the cosine schedule
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,21 +3,26 @@ Tokens/s of GPT.generate with the KV cache (prompt run once, then one token per 
 sequence fed again at every step, as generate did before): same random-weight model, same prompt, greedy, so the two
 outputs must be the same tokens.
 
-    python bench_generate.py                                   # CPU: 6 layers x 384, 64-token prompt, 256 new tokens
-    python bench_generate.py --device cuda --n_layer 12 --n_head 12 --n_embd 768 --batch_size 8   # GPT-2 small, bf16
-    python bench_generate.py --pos_emb rope                    # any GPTConfig switch: --qk_norm true, --mlp relu2, ...
+    python -m bench.generate_speed                      # CPU: 6 layers x 384, 64-token prompt, 256 new tokens
+    python -m bench.generate_speed --device cuda --n_layer 12 --n_head 12 --n_embd 768 --batch_size 8  # GPT-2 small
+    python -m bench.generate_speed --pos_emb rope       # any GPTConfig switch: --qk_norm, --mlp relu2, ...
 
 Each way is timed over one run after an untimed warm-up of a few tokens. Without the cache, step t costs a forward pass
 over prompt_len + t tokens, lm_head included at every position, so the speed-up grows with the length; with it, every
 step costs one token's pass plus attention over the cached keys. Past block_size both ways do full passes.
 """
 
-import argparse
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
+from options import ConfigError, at_least, help_text, option, parse
+from runtime import get_device
+
+SCRIPT = "bench.generate_speed"
 
 
 def timed_generate(model, prompt, new_tokens, use_cache, device):
@@ -32,31 +37,40 @@ def timed_generate(model, prompt, new_tokens, use_cache, device):
     return out, time.perf_counter() - t0
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--n_layer", type=int, default=6)
-    parser.add_argument("--n_head", type=int, default=6)
-    parser.add_argument("--n_embd", type=int, default=384)
-    parser.add_argument("--block_size", type=int, default=1024)
-    parser.add_argument("--vocab_size", type=int, default=50304, help="GPT-2's, padded as in training")
-    parser.add_argument("--pos_emb", default="learned")
-    parser.add_argument("--qk_norm", default="false", choices=("true", "false"))
-    parser.add_argument("--mlp", default="gelu")
-    parser.add_argument("--prompt_len", type=int, default=64)
-    parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=1, help="prompts generated together")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+@dataclass
+class GenerateBenchConfig:
+    n_layer: int = option(6, "transformer blocks (random weights)", type=at_least(1))
+    n_head: int = option(6, "attention heads", type=at_least(1))
+    n_embd: int = option(384, "embedding width", type=at_least(1))
+    block_size: int = option(1024, "the context: past it both ways do full passes", type=at_least(1))
+    vocab_size: int = option(PADDED_VOCAB_SIZE, "GPT-2's, padded as in training", type=at_least(GPT2_VOCAB_SIZE))
+    pos_emb: str = option("learned", "learned or rope")
+    qk_norm: bool = option(False, "RMS-normalize q and k")
+    mlp: str = option("gelu", "gelu, swiglu or relu2")
+    prompt_len: int = option(64, "tokens of the random prompt", type=at_least(1))
+    new_tokens: int = option(256, "tokens generated after it, greedily", type=at_least(1))
+    batch_size: int = option(1, "prompts generated together", type=at_least(1))
+    device: str = option("cpu", "cpu, cuda or mps (bf16 autocast on cuda)")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(GenerateBenchConfig, SCRIPT, __doc__))
+        return 0
     try:
+        args, _ = parse(GenerateBenchConfig, argv)
+        device = get_device(args.device)
         config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                           n_head=args.n_head, n_embd=args.n_embd, pos_emb=args.pos_emb,
-                           qk_norm=args.qk_norm == "true", mlp=args.mlp)
-    except ValueError as e:
-        parser.error(str(e))
+                           n_head=args.n_head, n_embd=args.n_embd, pos_emb=args.pos_emb, qk_norm=args.qk_norm,
+                           mlp=args.mlp)
+    except (ConfigError, ValueError) as e:  # ValueError: GPTConfig's checks
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        return 2
+
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
-    prompt = torch.randint(0, 50257, (args.batch_size, args.prompt_len), device=device)
+    prompt = torch.randint(0, GPT2_VOCAB_SIZE, (args.batch_size, args.prompt_len), device=device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     print(f"{device} ({torch.get_num_threads()} threads), GPT {config.n_layer}L/{config.n_head}H/{config.n_embd}d "
           f"block {config.block_size} ({model.num_params() / 1e6:.1f}M params), batch {args.batch_size}, "
@@ -77,7 +91,8 @@ def main():
     else:
         first = (cached != uncached).any(dim=0).nonzero()[0].item() - args.prompt_len
         print(f"greedy outputs equal: NO, first difference at new token {first}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,21 +5,25 @@ generated English-like text, in one run. Both include starting their pool, as a 
 checked to be identical. Wall-clock tokens/s is what counts; CPU seconds (this process and its workers) per million
 tokens is printed too, as it is less disturbed by other work on the machine.
 
-    python bench_tokenize.py                     # 100 MB of text (~21M tokens), 3 alternating rounds
-    python bench_tokenize.py --mb 20 --rounds 1 --num_proc 4
+    python -m bench.tokenize_speed                     # 100 MB of text (~21M tokens), 3 alternating rounds
+    python -m bench.tokenize_speed --mb 20 --rounds 1 --num_proc 4
 """
 
-import argparse
 import multiprocessing as mp
 import os
 import resource
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
 
 import fineweb
+from options import ConfigError, at_least, help_text, option, parse
+
+SCRIPT = "bench.tokenize_speed"
 
 
 def english_words(enc):
@@ -89,13 +93,24 @@ def cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--mb", type=float, default=100.0, help="megabytes of generated text")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds of each way")
-    p.add_argument("--num_proc", type=int, default=fineweb.default_num_proc(), help="fineweb.py's --num_proc")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+@dataclass
+class TokenizeBenchConfig:
+    mb: float = option(100.0, "megabytes of generated text", type=at_least(0.001, float))
+    rounds: int = option(3, "alternating timed rounds of each way", type=at_least(1))
+    num_proc: int = option(fineweb.default_num_proc(), "fineweb.py's --num_proc", type=at_least(1))
+    seed: int = option(0, "the generated text's seed")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(TokenizeBenchConfig, SCRIPT, __doc__))
+        return 0
+    try:
+        args, _ = parse(TokenizeBenchConfig, argv)
+    except ConfigError as e:
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        return 2
 
     enc = tiktoken.get_encoding(fineweb.ENCODING)
     t0 = time.time()
@@ -124,7 +139,8 @@ def main():
     for name, m in med.items():
         print(f"median {name:14s} {m:,.0f} tokens/s ({statistics.median(cpu[name]):.2f} CPU s per M tokens)")
     print(f"ratio fineweb.py / build-nanogpt: {med['fineweb.py'] / med['build-nanogpt']:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

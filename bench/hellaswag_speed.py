@@ -3,17 +3,18 @@ Examples/s of hellaswag.evaluate (batched, logits at the scored positions only) 
 time as the reference script does (a forward pass of 4 rows per example, logits everywhere): same model, same
 generated examples, one timed run each.
 
-    python bench_hellaswag.py                                  # CPU, a small random GPT (4 layers, 128 wide)
-    python bench_hellaswag.py --device cuda --n 2048           # GPT-2 small (124M, random weights) under bf16 autocast
-    python bench_hellaswag.py --device cuda --compile
+    python -m bench.hellaswag_speed                            # CPU, a small random GPT (4 layers, 128 wide)
+    python -m bench.hellaswag_speed --device cuda --n 2048     # GPT-2 small (124M, random weights) under bf16 autocast
+    python -m bench.hellaswag_speed --device cuda --compile
 
 The examples are random words from GPT-2's vocabulary with HellaSwag's lengths (context 10-80 tokens, endings 5-30),
 so the numbers need no download; the two runs must agree on the counts.
 """
 
-import argparse
 import random
+import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import tiktoken
@@ -22,6 +23,10 @@ from torch.nn import functional as F
 
 import hellaswag
 from model import GPT, GPTConfig
+from options import ConfigError, at_least, help_text, option, parse
+from runtime import get_device
+
+SCRIPT = "bench.hellaswag_speed"
 
 
 def generate_examples(n, enc, seed=0):
@@ -68,14 +73,26 @@ def timed(score, examples, **kwargs):
     return counts, len(examples) / (time.perf_counter() - t0)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--n", type=int, default=None, help="examples (default: 64 on CPU, 2048 on GPU)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (both runs)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+@dataclass
+class HellaSwagBenchConfig:
+    device: str = option("cpu", "cpu, cuda or mps (cuda: GPT-2 small under bf16 autocast)")
+    n: int = option(None, "examples (default: 64 on CPU, 2048 on GPU)", type=at_least(1))
+    batch_size: int = option(16, "hellaswag.evaluate's batch_size, in examples", type=at_least(1))
+    compile: bool = option(False, "torch.compile the model (both runs)")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(HellaSwagBenchConfig, SCRIPT, __doc__))
+        return 0
+    try:
+        args, _ = parse(HellaSwagBenchConfig, argv)
+        device = get_device(args.device)
+    except ConfigError as e:
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        return 2
+
     gpu = device.type == "cuda"
     n = args.n or (2048 if gpu else 64)
     enc = tiktoken.get_encoding("gpt2")
@@ -91,7 +108,8 @@ def main():
           f"{'bf16 autocast' if autocast_dtype else 'fp32'}{', compiled' if args.compile else ''}")
 
     def batched_eval(examples):
-        r = hellaswag.evaluate(model, examples, device=device, autocast_dtype=autocast_dtype, batch_size=args.batch_size)
+        r = hellaswag.evaluate(model, examples, device=device, autocast_dtype=autocast_dtype,
+                               batch_size=args.batch_size)
         return r.n, r.correct, r.correct_norm
 
     batched, batched_rate = timed(batched_eval, examples)
@@ -102,7 +120,8 @@ def main():
     print(f"batched (batch_size {args.batch_size}): {batched_rate:8.1f} examples/s")
     print(f"one example at a time:    {single_rate:8.1f} examples/s")
     print(f"speedup: {batched_rate / single_rate:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

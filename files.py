@@ -1,0 +1,68 @@
+"""What every command shares, without torch: atomic writes, the token shards' names, the scores to beat, the hub.
+
+    python -c "import files; print(files.shard_pattern('train'), repr(files.hub_offline(False)))"
+"""
+
+import contextlib
+import http.client
+import os
+import urllib.error
+import urllib.request
+
+SHARD_PREFIX = "edufineweb"  # build-nanogpt's names: edufineweb_val_000000.npy, edufineweb_train_000001.npy, ...
+# OpenAI's models on this project's evals: GPT-2 124M's checkpoint on FineWeb-Edu's val shard and HellaSwag's
+# 10,042 validation examples (acc_norm); GPT-3 small's HellaSwag from the GPT-3 paper (Brown et al. 2020)
+REFERENCES = {
+    "gpt2": {"label": "OpenAI GPT-2 124M", "val": 3.2924, "hella": 0.2955},
+    "gpt3": {"label": "OpenAI GPT-3 124M", "hella": 0.337},
+}
+
+
+def atomic_write(path, write, tmp=None):
+    """write(file) into a temporary file next to path (named tmp, default .NAME.tmp), then rename it to path: a kill
+    at any moment leaves the old file or the new one, never half of one. The temporary file goes if write fails."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, tmp or f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, on disk (where a directory can be opened)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def shard_filename(index):
+    """Shard 0 is the val shard, the first tokens of the stream; 1, 2, ... are the train shards."""
+    return f"{SHARD_PREFIX}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def shard_pattern(split):
+    return f"{SHARD_PREFIX}_{split}_*.npy"
+
+
+def hub_offline(offline_mode, timeout=3):
+    """Why the Hugging Face hub can't serve a file ("" if it can): offline_mode, the loading library's own flag
+    (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE), or no answer to one HEAD request to
+    its endpoint. Unreachable, huggingface_hub retries 5 times with backoff (~25 s, two warnings each) before it
+    fails: with this answer a caller loads from the local cache only, and fails at once."""
+    from huggingface_hub import constants
+
+    if offline_mode:
+        return "offline mode (HF_HUB_OFFLINE)"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return ""  # an HTTP answer, whatever its status: the hub is there
+    except (OSError, ValueError, http.client.HTTPException) as e:  # no DNS, refused, timeout, a bad HF_ENDPOINT
+        return f"no network ({constants.ENDPOINT} unreachable: {getattr(e, 'reason', e)})"
+    return ""

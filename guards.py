@@ -1,0 +1,361 @@
+"""What guards a training run, beside its story: the options checked, the model a run starts from checked against
+them, the micro-batch that fits in memory, the ranks' agreement, and the stop on a non-finite loss.
+
+    python -c "import guards, train_gpt2; print(guards.batch_size_candidates(train_gpt2.TrainConfig(), 8))"
+
+Each is one call from train_gpt2.py (chat_sft.py shares the checks of its own options and the last two).
+"""
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from checkpoints import checkpoint_config, list_checkpoints
+from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from options import ConfigError
+from runtime import autocast
+
+GB = 1e9  # the unit of the messages
+MAX_AUTO_BATCH_SIZE = 64  # build-nanogpt's 64 x 1024 tokens fill an H100: a larger micro-batch buys no speed
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+# -----------------------------------------------------------------------------
+# options
+
+def check_ranges(cfg, positive=(), non_negative=()):
+    """ConfigError for the first option of `positive` that is not > 0, or of `non_negative` that is < 0; then the
+    AdamW hyperparameters and the device, which every training command has."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.eps > 0):
+        raise ConfigError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {cfg.beta1}, {cfg.beta2}, {cfg.eps}")
+    if not 0 < cfg.max_lr or cfg.min_lr > cfg.max_lr:
+        raise ConfigError(f"need 0 <= min_lr <= max_lr and max_lr > 0, got min_lr={cfg.min_lr} max_lr={cfg.max_lr}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"--device must be auto, cuda, mps or cpu, got {cfg.device!r}")
+
+
+def check_config(cfg, world_size):
+    """ConfigError for a train_gpt2.py setting that can't work, before anything is built; else grad_accum_steps
+    (None for --batch_size=auto, which fit_micro_batch resolves)."""
+    if cfg.batch_size != "auto" and cfg.batch_size <= 0:
+        raise ConfigError(f"--batch_size must be 'auto' or > 0, got {cfg.batch_size!r}")
+    check_ranges(cfg, positive=("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "total_batch_size",
+                                "max_steps", "num_samples", "sample_length"),
+                 non_negative=("warmup_steps", "val_every", "hellaswag_every", "hellaswag_limit", "sample_every",
+                               "checkpoint_every", "keep_checkpoints", "weight_decay", "grad_clip", "min_lr",
+                               "embedding_lr", "head_lr", "scalar_lr", "logit_softcap"))
+    try:  # the architecture switches, checked by the model's own config
+        model_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.optimizer not in ("adamw", "muon") or cfg.schedule not in ("cosine", "warmdown"):
+        raise ConfigError(f"need --optimizer adamw or muon and --schedule cosine or warmdown, got {cfg.optimizer!r} "
+                          f"and {cfg.schedule!r}")
+    if not 0 <= cfg.warmdown_frac <= 1:
+        raise ConfigError(f"--warmdown_frac must be in [0, 1], got {cfg.warmdown_frac}")
+    if not cfg.init_from:
+        raise ConfigError("--init_from must be 'scratch' or a GPT-2 model name / directory")
+    if cfg.val_every and cfg.val_tokens <= 0:
+        raise ConfigError(f"--val_tokens must be > 0, got {cfg.val_tokens}")
+    auto = cfg.batch_size == "auto"  # then some micro-batch must split the batch: 1 does if any does
+    tail = " (--batch_size=auto: not even for batch_size 1)" if auto else ""
+    B, T = (1 if auto else cfg.batch_size), cfg.block_size
+    if cfg.total_batch_size % (B * T * world_size):
+        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
+                          f"processes = {B} * {T} * {world_size} = {B * T * world_size}{tail}")
+    if cfg.val_every and cfg.val_tokens % (B * T):
+        raise ConfigError(f"val_tokens {cfg.val_tokens} is not a multiple of batch_size * block_size = {B * T}{tail}")
+    # sampling and HellaSwag speak GPT-2 BPE: a scratch model needs every GPT-2 token id (from_pretrained's has them)
+    if cfg.init_from == "scratch" and cfg.vocab_size < GPT2_VOCAB_SIZE and (cfg.sample_every or cfg.hellaswag_every):
+        raise ConfigError(f"vocab_size {cfg.vocab_size} < {GPT2_VOCAB_SIZE} (GPT-2's tokenizer): "
+                          "sampling and HellaSwag need the GPT-2 vocabulary; set --sample_every=0 --hellaswag_every=0")
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb_log=true needs wandb: pip install wandb")
+    return None if auto else cfg.total_batch_size // (B * T * world_size)
+
+
+# -----------------------------------------------------------------------------
+# the model a run starts from
+
+def model_fields(cfg):
+    """The options that are the model's architecture (GPTConfig's fields), block_size aside: a run may train on
+    shorter sequences than its model's positions."""
+    return [f.name for f in dataclasses.fields(GPTConfig) if f.name != "block_size" and hasattr(cfg, f.name)]
+
+
+def model_config(cfg):
+    """The GPTConfig of a fresh model of the options' architecture."""
+    return GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in model_fields(cfg)})
+
+
+def check_start(cfg, start, source, log=print):
+    """cfg with the architecture of the model the run starts from: start is a checkpoint being resumed, or GPT-2's
+    weights (init_from), or None (a fresh init, the options'). A resume must have the options' architecture and
+    optimizer; init_from brings its own architecture. source names start in the errors."""
+    if start is None:
+        return cfg
+    config = checkpoint_config(start, source)
+    fields = model_fields(cfg)
+    if "train_config" in start and cfg.init_from == "scratch":
+        differ = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(config, k)})" for k in fields
+                  if getattr(config, k) != getattr(cfg, k)]
+        if differ:
+            raise ConfigError(f"{source}: the checkpoint's model differs from the options: {', '.join(differ)}")
+    if "train_config" not in start:
+        log(f"init_from={cfg.init_from}: the model's own architecture replaces {'/'.join(fields)}")
+    if "optimizer" in start and start["train_config"].get("optimizer", "adamw") != cfg.optimizer:
+        raise ConfigError(f"{source}: trained with --optimizer={start['train_config'].get('optimizer', 'adamw')}, "
+                          f"not {cfg.optimizer}: its optimizer state is that optimizer's (pick another --log_dir for "
+                          "a new run)")
+    if cfg.block_size > config.block_size:
+        raise ConfigError(f"{source}: block_size {cfg.block_size} > the model's {config.block_size} positions")
+    return dataclasses.replace(cfg, **{k: getattr(config, k) for k in fields})
+
+
+def check_same_step(start_step, device):
+    """Every rank reads log_dir itself: on several nodes without a shared log_dir they would resume different steps
+    (or some none) and train replicas that silently drift apart. Collective: every rank calls it."""
+    steps = torch.tensor([start_step, -start_step], device=device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # [max, -min]
+    if steps[0].item() != -steps[1].item():
+        raise ConfigError(f"the ranks found different checkpoints to resume (steps {-steps[1].item()} to "
+                          f"{steps[0].item()}): log_dir must be one directory that every node shares")
+
+
+def check_finite(loss, grad_norm, step, log_dir, master, script):
+    """Whether a step's loss and gradient norm are finite; if not, rank 0 prints one line naming the step and the last
+    checkpoint (left as it is), and the loop stops with exit code 1."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return True
+    saved = list_checkpoints(log_dir)
+    last_good = f"the last checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
+    if master:
+        print(f"{script}: error: step {step}: non-finite loss {loss} / grad norm {grad_norm}; stopped, {last_good}",
+              file=sys.stderr, flush=True)
+    return False
+
+
+# -----------------------------------------------------------------------------
+# the micro-batch: the largest that fits, gradient accumulation making up total_batch_size. Out of memory, a GPU
+# raises OutOfMemoryError, so there trial steps decide; on cpu (the kernel's OOM killer) and mps the process dies
+# instead, so there an estimate is held against the memory available.
+
+def splits_batch(cfg, world_size, batch_size):
+    """Whether micro-batches of batch_size sequences make up total_batch_size in whole micro-steps of every process
+    (and val_tokens in whole batches, where val is on)."""
+    return (cfg.total_batch_size % (batch_size * cfg.block_size * world_size) == 0
+            and not (cfg.val_every and cfg.val_tokens % (batch_size * cfg.block_size)))
+
+
+def batch_size_candidates(cfg, world_size):
+    """The micro-batches --batch_size=auto chooses from, largest first."""
+    return [b for b in range(MAX_AUTO_BATCH_SIZE, 0, -1) if splits_batch(cfg, world_size, b)]
+
+
+def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
+    """cfg with --batch_size=auto resolved for the ranks d: the largest candidate micro-batch that fits, a resumed
+    run's own tried first (another split of the same batch changes the losses in their last bits). On a GPU by trial
+    steps, on cpu and mps by train_memory_bytes against the memory available (start, the checkpoint or weights being
+    loaded, counts as available: it is freed once loaded). The ranks all take the smallest of their choices. Logs the
+    choice and why; ConfigError where not even one sequence fits."""
+    if cfg.batch_size != "auto":
+        return cfg
+    T, config = cfg.block_size, checkpoint_config(start) if start else model_config(cfg)
+    with torch.device("meta"):  # the shapes alone: nothing is allocated
+        n_params = GPT(config).num_params()
+    kept = start["train_config"].get("batch_size") if start and "train_config" in start else None
+    first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
+    if device.type == "cuda":
+        # the run also holds AdamW's two moments (allocated by its first step) and, under DDP, buckets as large as the
+        # gradients; 5% of the GPU is headroom for the allocator's fragmentation and the evals' other shapes
+        reserve = (8 + 4 * d.ddp) * n_params + torch.cuda.get_device_properties(device).total_memory // 20
+
+        def fits(b):
+            return fits_on_gpu(config, b, T, reserve, autocast_dtype, device)
+    else:
+        budget, where = memory_budget(device, extra=sum(tensor_storages(start).values()) if start else 0)
+
+        def need(b):
+            return train_memory_bytes(config, n_params, b, T, attention_matrix=device.type == "mps")
+
+        def fits(b):
+            return need(b) <= budget
+    chosen, rejected = largest_fitting(batch_size_candidates(cfg, d.world_size), fits, first)
+    own = chosen
+    if d.ddp:  # the ranks must cut the batch alike: all take the smallest choice (0: none fits on some rank)
+        smallest = torch.tensor(chosen or 0, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        chosen = smallest.item() or None
+    if chosen is None and device.type == "cuda":
+        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens runs out of GPU memory in a trial step "
+                          f"(with {reserve / GB:.1f} GB reserved for the optimizer's state); train a smaller model or "
+                          "shorter sequences (--block_size)")
+    if chosen is None:
+        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens would need ~{need(1) / GB:.1f} GB, "
+                          f"{where}; train a smaller model or shorter sequences (--block_size)")
+    if device.type == "cuda":
+        why = f"{rejected[-1]} ran out of GPU memory in a trial step" if rejected else "a trial step fits in GPU memory"
+    else:
+        why = (f"{rejected[-1]} would need ~{need(rejected[-1]) / GB:.1f} GB" if rejected else
+               f"needs ~{need(chosen) / GB:.1f} GB") + f", {where}"
+    if chosen != own:
+        why += f"; another rank can take only {chosen}"
+    if kept is not None and chosen == kept:
+        why = "the checkpoint's, which still fits: the resume stays exact"
+    elif kept is not None:
+        why = (f"the checkpoint's {kept} {'no longer fits' if first else 'no longer splits the batch'}: the losses "
+               f"will differ from an unbroken run's in the last bits; {why}")
+    log(f"micro-batch {chosen} (auto: {why}) x {cfg.total_batch_size // (chosen * T * d.world_size)} accumulation "
+        "steps")
+    return dataclasses.replace(cfg, batch_size=chosen)
+
+
+def largest_fitting(candidates, fits, first=None):
+    """(the first size of candidates, largest first, for which fits(size) is true, or None; the sizes tried that did
+    not fit, in order). first (a resumed run's micro-batch) is tried before them, and if it does not fit, only the
+    smaller candidates: a size that fits is taken to make every smaller one fit."""
+    order = list(candidates) if first is None else [first] + [size for size in candidates if size < first]
+    rejected = []
+    for size in order:
+        if fits(size):
+            return size, rejected
+        rejected.append(size)
+    return None, rejected
+
+
+def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, device):
+    """Whether training a GPT of config on micro-batches of batch_size sequences fits in the GPU's memory next to
+    reserve_bytes more (what the run holds besides: AdamW's moments, allocated by the first step; DDP's buckets;
+    headroom): one forward and backward of an eager model (torch.compile's needs no more) on token 0 under the run's
+    autocast, with reserve_bytes held meanwhile. Everything it allocates is freed again."""
+    reserve = model = idx = logits = loss = None
+    try:
+        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+        with torch.device(device):
+            model = GPT(config)
+        idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # no RNG drawn
+        with autocast(device.type, autocast_dtype):
+            logits, loss = model(idx, idx)  # held through backward, as train_step holds them
+        loss.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del reserve, model, idx, logits, loss  # what the attempt held (a failed one's graph left with the exception)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next, smaller try starts from a clean cache
+            torch.cuda.reset_peak_memory_stats(device)  # the run's peak is reported, not the trial's
+
+
+def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", cgroup_fs="/sys/fs/cgroup"):
+    """Bytes left under the memory limit of this process's cgroup (a container, a batch job), or None without a
+    limit: the limit less the usage, the inactive page cache not counted (the kernel drops it before it kills)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    left = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            root, limit_file, usage_file, inactive_key = cgroup_fs, "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            root, limit_file, usage_file, inactive_key = (os.path.join(cgroup_fs, "memory"), "memory.limit_in_bytes",
+                                                          "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        # the path is the cgroup as the host names it; inside a container, the container's own is mounted at the root
+        for directory in dict.fromkeys((root + path.rstrip("/"), root)):
+            try:
+                with open(os.path.join(directory, limit_file)) as f:
+                    limit = f.read().strip()
+                with open(os.path.join(directory, usage_file)) as f:
+                    usage = int(f.read())
+                with open(os.path.join(directory, "memory.stat")) as f:
+                    inactive = int(dict(line.split() for line in f).get(inactive_key, 0))
+                limit = None if limit == "max" else int(limit)
+            except (OSError, ValueError):
+                continue
+            if limit is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+                here = limit - (usage - inactive)
+                left = here if left is None else min(left, here)
+            break
+    return left
+
+
+def available_memory(device):
+    """(bytes this process can still allocate on device, words that follow "N GB" to say where the figure comes
+    from), for cpu and mps.
+
+    cpu: Linux's MemAvailable (free memory and the caches the kernel can drop), or what the cgroup's limit leaves where
+    that is less; off Linux, the physical memory (macOS compresses and swaps before it kills). mps: Metal's recommended
+    working set less what is allocated on it. Raises ConfigError where neither is known."""
+    if torch.device(device).type == "mps":
+        return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
+                "left of Metal's recommended working set")
+    try:
+        with open("/proc/meminfo") as f:
+            info = {key: value.split() for key, value in (line.split(":", 1) for line in f)}
+        available, where = int(info["MemAvailable"][0]) * 1024, "available per /proc/meminfo"  # kB
+    except (OSError, KeyError, ValueError):
+        try:
+            available, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of physical memory"
+        except (AttributeError, ValueError, OSError):
+            raise ConfigError("--batch_size=auto: cannot tell how much memory this machine has; "
+                              "pass --batch_size=N") from None
+    left = cgroup_memory_left()
+    if left is not None and left < available:
+        available, where = left, "left under the cgroup's memory limit"
+    return max(available, 0), where
+
+
+def memory_budget(device, extra=0):
+    """(bytes, description) that this process may plan to use on cpu / mps: available_memory, plus `extra` bytes it
+    holds now and frees before training, shared equally by the processes of a torchrun launch on this machine
+    (LOCAL_WORLD_SIZE), which draw on the same memory."""
+    available, where = available_memory(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    text = f"{(available + extra) / GB:.1f} GB {where}"
+    text += f", the checkpoint's {extra / GB:.1f} GB (freed once loaded) included" if extra else ""
+    text += f", shared by {local} processes" if local > 1 else ""
+    return (available + extra) // local, text
+
+
+def tensor_storages(obj):
+    """{address: bytes} of the storages of the tensors in nested dicts, lists and tuples (a loaded checkpoint): one
+    entry for a storage that several share (the tied wte / lm_head)."""
+    if isinstance(obj, torch.Tensor):
+        return {obj.untyped_storage().data_ptr(): obj.untyped_storage().nbytes()}
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return {address: n for item in items for address, n in tensor_storages(item).items()}
+
+
+def train_memory_bytes(config, n_params, batch_size, block_size, attention_matrix=False):
+    """Estimated peak memory in bytes of training a GPT (config: a model.GPTConfig) of n_params parameters on
+    micro-batches of batch_size sequences of block_size tokens: fp32, eager, AdamW. An upper bound, for cpu and mps
+    (how it was calibrated: docs/training.md); attention_matrix: attention computes each head's (T, T) matrix (mps:
+    no flash kernel for training there). 24 bytes a parameter (weights, gradients, AdamW's moments and the step's
+    transients); per token, twice what each block keeps for backward, plus the head's logits and their gradients;
+    256 MiB for the runtime's workspaces."""
+    C, V = config.n_embd, config.vocab_size
+    if config.mlp == "swiglu":
+        mlp = 4 * (-(-8 * C // (3 * 64)) * 64)  # model.MLP's hidden size: 8/3 C rounded up to a multiple of 64
+    else:
+        mlp = 8 * C
+    block = 8 * C + mlp + (2 * C if config.qk_norm or config.pos_emb == "rope" else 0)
+    if attention_matrix:
+        block += config.n_head * block_size  # each token's row of softmax(q k^T / sqrt(hs)), in every head
+    head = 2 * C + (5 + (config.logit_softcap > 0)) * V
+    return 24 * n_params + 4 * batch_size * block_size * (2 * config.n_layer * block + head) + 256 * 2**20

@@ -1,0 +1,109 @@
+"""Every command's options: a dataclass whose fields are the options, read by argparse, and the error a user can fix.
+
+    python -c "import options, train_gpt2; print(options.help_text(train_gpt2.TrainConfig, 'train_gpt2.py'))"
+
+--name=value and --name value both work; a bool takes true/false/1/0/yes/no, or a bare --name for true.
+"""
+
+import argparse
+import dataclasses
+import textwrap
+
+HELP_WIDTH = 116  # --help's lines, wrapped
+
+
+class ConfigError(ValueError):
+    """What a user can fix (an option, a file, a setting): one line `SCRIPT: error: ...`, exit code 2. every_rank:
+    only one rank may see it (its own chunk of data), so every rank reports it."""
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def option(default, help, section=None, **argparse_args):
+    """A dataclass field that is an option: its --help text, the --help section it opens, and argparse's nargs,
+    metavar, choices, aliases (("-o",)), positional=True or type (text -> value, a ValueError saying what it
+    expected)."""
+    return dataclasses.field(default=default, metadata={"help": help, "section": section, **argparse_args})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, through the script's own error handling, not argparse's usage and exit
+        raise ConfigError(f"{message} (see --help)")
+
+
+def parse(config_class, argv):
+    """(config_class with the options of argv, the names of the options given). Raises ConfigError."""
+    cfg, given, rest = parse_known(config_class, argv)
+    if rest and rest[0].startswith("--"):
+        raise ConfigError(f"unknown option {rest[0].split('=', 1)[0]} (see --help for the options)")
+    if rest:
+        raise ConfigError(f"expected --name=value or --name value, got {rest[0]!r} (see --help)")
+    return cfg, given
+
+
+def parse_known(config_class, argv):
+    """parse, for a command that passes what it does not know on: (config, names given, the rest of argv)."""
+    parser = _Parser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    fields = dataclasses.fields(config_class)
+    for f in fields:
+        names = [f.name] if f.metadata.get("positional") else [f"--{f.name}", *f.metadata.get("aliases", ())]
+        kw = {k: f.metadata[k] for k in ("nargs", "metavar") if k in f.metadata}
+        if f.type is bool:
+            kw.update(nargs="?", const="true")  # a bare --flag is true
+        parser.add_argument(*names, **kw, **({} if f.metadata.get("positional") else {"dest": f.name}))
+    given, rest = parser.parse_known_args(argv)
+    values = {f.name: convert(f, getattr(given, f.name)) for f in fields if f.name in given}
+    return config_class(**values), set(values), rest
+
+
+def convert(field, text):
+    """An option's text as its field's type (each item for nargs); ConfigError naming the option if it isn't one."""
+    if isinstance(text, list):
+        return [convert(field, item) for item in text]
+    kind, choices = field.metadata.get("type") or (str if field.type is list else field.type), field.metadata.get("choices")
+    try:
+        value = parse_bool(text) if kind is bool else kind(text)
+        if choices and value not in choices:
+            raise ValueError(f"expected {', '.join(map(str, choices[:-1]))} or {choices[-1]}")
+        return value
+    except (ValueError, TypeError) as e:
+        detail = str(e) if kind is bool or "type" in field.metadata or choices else f"expected {kind.__name__}"
+        raise ConfigError(f"--{field.name}={text}: {detail}") from None
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError("expected true/false/1/0/yes/no")
+    return value in ("true", "1", "yes")
+
+
+def at_least(low, kind=int):
+    """A type for option(): the text as kind (int, float), checked to be >= low (NaN is not)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"expected {kind.__name__}") from None
+        if not value >= low:
+            raise ValueError(f"must be >= {low}")
+        return value
+    parse.__name__ = kind.__name__  # help_text names the type by it
+    return parse
+
+
+def help_text(config_class, script, doc=""):
+    """--help: the script's docstring, then every option with its default, type and help text, by section."""
+    lines = [doc.strip(), ""] if doc.strip() else []
+    lines.append(f"options of {script} (--name=value or --name value), with their defaults:")
+    for f in dataclasses.fields(config_class):
+        if f.metadata.get("section"):
+            lines += ["", f"  {f.metadata['section']}"]
+        kind = f.metadata.get("metavar") or getattr(f.metadata.get("type") or f.type, "__name__", "")
+        name = f.name.upper() if f.metadata.get("positional") else f"--{f.name}={f.default!r}"
+        aliases = "".join(f" {alias}" for alias in f.metadata.get("aliases", ()))
+        line = f"    {name}{aliases} ({kind})" + (f"  {f.metadata['help']}" if f.metadata.get("help") else "")
+        lines += textwrap.wrap(line, HELP_WIDTH, subsequent_indent=" " * 8, break_on_hyphens=False)
+    return "\n".join(lines)
