@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import load_model
-from options import ConfigError, at_least, help_text, option, parse
+from options import ConfigError, at_least, option, run
 from runtime import autocast, get_device, setup_precision
-from tokenizer import decode_stream, generate_reply, get_chat_encoding, render_turns
+from tokenizer import decode_stream, generate_reply, get_chat_encoding, is_chat_model, render_turns
 
 
 # -----------------------------------------------------------------------------
@@ -33,8 +33,8 @@ def load_chat_model(source):
     if not os.path.exists(source):
         raise ConfigError(f"--model {source}: no such file or directory (a chat_sft.py run directory, checkpoint "
                           "or export)")
-    model, chat = load_model(source)
-    if not chat:
+    model, train_config = load_model(source)
+    if not is_chat_model(model, train_config):
         raise ConfigError(f"{source}: not a chat model (neither a chat_sft.py checkpoint nor its export); "
                           f"fine-tune it first: python chat_sft.py --init_from={source}")
     return model
@@ -128,21 +128,11 @@ class ChatConfig:
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(ChatConfig, "chat.py", __doc__))
-        return 0
-    try:
-        cfg, _ = parse(ChatConfig, argv)
-        if cfg.prompt is not None and not cfg.prompt.strip():
-            raise ConfigError("--prompt: empty message")
-        device = get_device(cfg.device)
-        model = load_chat_model(cfg.model)
-    except ConfigError as e:
-        print(f"chat.py: error: {e}", file=sys.stderr)
-        return 2
-    model.to(device).eval()
+def talk(cfg):
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise ConfigError("--prompt: empty message")
+    device = get_device(cfg.device)
+    model = load_chat_model(cfg.model).to(device).eval()
     autocast_dtype = setup_precision(device)  # bf16 on CUDA, as the model was fine-tuned
     enc = get_chat_encoding()
     turns = [("system", enc.encode_ordinary(cfg.system))] if cfg.system.strip() else []
@@ -154,8 +144,7 @@ def main(argv=None):
                 respond(model, turns + [("user", enc.encode_ordinary(cfg.prompt))], enc=enc, out=sys.stdout,
                         **reply_options)
             except ValueError as e:
-                print(f"chat.py: error: --prompt: {e}", file=sys.stderr)
-                return 2
+                raise ConfigError(f"--prompt: {e}") from None
             return 0
         print(f"chat.py: {cfg.model}, {model.num_params():,} parameters, a context of {model.config.block_size} "
               f"tokens, on {device}. /clear starts over; /quit, Ctrl-D or Ctrl-C ends.", file=sys.stderr)
@@ -164,6 +153,10 @@ def main(argv=None):
         except KeyboardInterrupt:
             print()
             return 130
+
+
+def main(argv=None):
+    return run("chat.py", __doc__, ChatConfig, argv, talk)
 
 
 if __name__ == "__main__":

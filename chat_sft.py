@@ -51,14 +51,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoints import (append_log, compare_configs, find_checkpoint, load_model, load_optimizer_state,
                          locked_run_dir, model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
 from export import save_pretrained
-from files import hub_offline
+from files import JSONLinesError, hub_offline, jsonl_records
 from guards import check_finite, check_ranges, check_same_step
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from optim import adamw, get_lr, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import StopSignal, autocast, dist_from_env, get_device, init_distributed, script_main, setup_precision
 from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, decode_stream, generate_reply,
-                       get_chat_encoding, render_conversation, render_prompt)
+                       get_chat_encoding, is_chat_model, render_conversation, render_prompt)
 
 SCRIPT = "chat_sft.py"
 PAD_MULTIPLE = 64  # a micro-batch is padded to a multiple of this many tokens: few shapes for torch.compile
@@ -136,25 +136,16 @@ def read_jsonl(path):
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such file")
     conversations = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{where}: not UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # the column of an error on this line, not the next
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+    try:
+        for where, record in jsonl_records(path):
             if not isinstance(record, dict) or "messages" not in record:
-                raise ConfigError(f"{where}: expected an object with a \"messages\" list, got {line.strip():.60}")
+                raise ConfigError(f"{where}: expected an object with a \"messages\" list, got {json.dumps(record):.60}")
             try:
                 conversations.append(checked_conversation(record["messages"]))
             except ValueError as e:
                 raise ConfigError(f"{where}: {e}") from None
+    except JSONLinesError as e:
+        raise ConfigError(str(e)) from None
     if not conversations:
         raise ConfigError(f"{path}: no conversations")
     return conversations
@@ -460,7 +451,8 @@ def with_chat_rows(model, reset):
 
 def initial_model(init_from, log):
     """The model to fine-tune, on the CPU, with its chat rows (with_chat_rows): a chat model keeps its own."""
-    model, chat = load_model(init_from)
+    model, train_config = load_model(init_from)
+    chat = is_chat_model(model, train_config)
     log(f"init_from={init_from}: " + ("a chat model, fine-tuned further" if chat else
                                       "a GPT-2; the chat tokens' rows start at the mean of GPT-2's rows"))
     return with_chat_rows(model, reset=not chat)
@@ -484,8 +476,8 @@ def train(cfg, d):
     grad_accum_steps = check_config(cfg, d.world_size)
     resume_path, checkpoint = find_checkpoint(cfg.log_dir, cfg.resume, log)
     device = get_device(cfg.device, d)
-    init_distributed(d, device)
     if d.ddp:
+        init_distributed(d, device)
         check_same_step(checkpoint["step"] if checkpoint else 0, device)
     autocast_dtype = setup_precision(device)
 

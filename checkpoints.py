@@ -1,11 +1,8 @@
-"""The run directory (log_dir): its lock, checkpoints (save, load, find, prune), log.txt and config.json, and the
-models a command can load from it or from transformers.
+"""The run directory (log_dir): its lock, checkpoints, log.txt and config.json; and a model from any source.
 
     python -c "import checkpoints; print(checkpoints.list_checkpoints('log'))"
 
-train_gpt2.py and chat_sft.py write a run directory; hellaswag.py, chat.py and export.py load models from it. Every
-file here is written atomically (files.atomic_write): a kill at any moment leaves the old file or the complete new
-one, never half of one.
+Every file is written atomically (files.atomic_write): a kill leaves the old file or the new one, never half of one.
 """
 
 import contextlib
@@ -22,7 +19,6 @@ import torch
 from files import atomic_write
 from model import GPT, GPTConfig
 from options import ConfigError
-from tokenizer import CHAT_FORMAT, CHAT_VOCAB_SIZE
 
 CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
 PARTIAL_RE = re.compile(r"^\.model_\d+\.pt\.tmp$")  # what a kill during a checkpoint save leaves behind
@@ -114,31 +110,13 @@ def load_checkpoint(path, keys=TRAIN_KEYS, kind="train_gpt2.py checkpoint"):
 
 def find_checkpoint(log_dir, resume, log=print):
     """(path, checkpoint) to resume from, or (None, None) for a fresh run: resume "auto" takes the newest checkpoint
-    of log_dir that loads (a fresh run if there is none; an unreadable one, e.g. truncated by a disk fault, is
-    reported and the one before it tried), a path takes that one, "" refuses a log_dir that holds checkpoints."""
+    of log_dir that loads (none: a fresh run), a path takes that one, "" refuses a log_dir that holds checkpoints."""
     existing = list_checkpoints(log_dir)
-    if resume == "auto":
-        if not existing:
-            return None, None
-        unreadable = []
-        for step, path in reversed(existing):
-            try:
-                checkpoint = load_checkpoint(path)
-                break
-            except ConfigError as e:
-                log(f"warning: {e}")
-                unreadable.append(step)
-        else:
-            raise ConfigError(f"log_dir {log_dir}: none of its {len(existing)} checkpoints loads (see the warnings): "
-                              "move them away to start afresh, or pass --resume=PATH with a good copy")
-        if unreadable:
-            log(f"resuming from {path}, the newest checkpoint that loads; the unreadable newer ones will be "
-                "overwritten as the run passes their steps")
-        existing = [(step, p) for step, p in existing if step not in unreadable]
-    elif resume:
-        path = resume
-        checkpoint = load_checkpoint(path)
-    elif existing:
+    if resume == "auto" and existing:
+        path, checkpoint, existing = newest_loadable(log_dir, existing, log)
+    elif resume and resume != "auto":
+        path, checkpoint = resume, load_checkpoint(resume)
+    elif existing and not resume:
         raise ConfigError(f"log_dir {log_dir} already holds checkpoints ({os.path.basename(existing[-1][1])}): "
                           "continue with --resume=auto, or pick another --log_dir")
     else:
@@ -149,13 +127,31 @@ def find_checkpoint(log_dir, resume, log=print):
     return path, checkpoint
 
 
+def newest_loadable(log_dir, existing, log):
+    """(path, checkpoint, the checkpoints that load) for the newest of existing [(step, path)] that loads: an
+    unreadable one (truncated by a disk fault, say) is reported and the one before it tried."""
+    unreadable = []
+    for step, path in reversed(existing):
+        try:
+            checkpoint = load_checkpoint(path)
+            break
+        except ConfigError as e:
+            log(f"warning: {e}")
+            unreadable.append(step)
+    else:
+        raise ConfigError(f"log_dir {log_dir}: none of its {len(existing)} checkpoints loads (see the warnings): "
+                          "move them away to start afresh, or pass --resume=PATH with a good copy")
+    if unreadable:
+        log(f"resuming from {path}, the newest checkpoint that loads; the unreadable newer ones will be "
+            "overwritten as the run passes their steps")
+    return path, checkpoint, [(step, p) for step, p in existing if step not in unreadable]
+
+
 @contextlib.contextmanager
 def locked_run_dir(log_dir):
-    """Create log_dir and hold a lock on it while the block runs: a second run into the same log_dir (which would
-    write every log line twice and overwrite the first run's checkpoints) is refused with a ConfigError naming the
-    process that holds it. The lock is the kernel's (flock on the directory itself, no lock file): it is released
-    when its process ends however it ends (kill -9, a lost node), so it is never stale. An uncreatable log_dir is a
-    ConfigError too, here, before any work; so is an unwritable one. On several nodes rank 0 alone takes it."""
+    """Create log_dir and hold a lock on it while the block runs: a second run into it (every log line twice, the
+    first run's checkpoints overwritten) is refused in one line naming the holder. The kernel's flock on the
+    directory itself, no lock file: released however its process ends (kill -9, a lost node), never stale."""
     try:
         os.makedirs(log_dir, exist_ok=True)
         if not os.access(log_dir, os.W_OK):
@@ -227,9 +223,7 @@ def model_from_checkpoint(checkpoint, source=None):
 
 def pretrained_weights(init_from):
     """GPT-2's weights to start a run from, as a checkpoint's "model" and "config" (no optimizer state, no step):
-    init_from is a hub id (gpt2, gpt2-medium...) or a transformers directory; None for "scratch"."""
-    if init_from == "scratch":
-        return None
+    init_from is a hub id (gpt2, gpt2-medium...) or a transformers directory."""
     try:
         model = GPT.from_pretrained(init_from)
     except ValueError as e:
@@ -252,10 +246,9 @@ def state_dict_mismatch(expected, found):
 
 
 def load_model(source):
-    """(GPT on the CPU, chat) from a run directory of train_gpt2.py or chat_sft.py (its newest checkpoint), a
-    checkpoint file, a transformers GPT-2 directory or a hub id (gpt2, gpt2-xl...). chat: the model was fine-tuned in
-    the chat format (a chat_sft.py checkpoint, whose train_config names CHAT_FORMAT, or an export of exactly the chat
-    vocabulary). Raises ConfigError with one line naming the file and the problem."""
+    """(GPT on the CPU, the train_config of its checkpoint or None) from a run directory of train_gpt2.py or chat_sft.py
+    (its newest checkpoint), a checkpoint file, a transformers GPT-2 directory or a hub id (gpt2, gpt2-xl...). Raises
+    ConfigError with one line naming the file and the problem."""
     path = source
     if os.path.isdir(source):  # a run directory (its config.json is the run's), else a transformers directory
         found = list_checkpoints(source)
@@ -269,14 +262,12 @@ def load_model(source):
             raise ConfigError(f"{path}: a file of a transformers model: pass its directory, "
                               f"{os.path.dirname(path) or '.'}")
         checkpoint = load_checkpoint(path, keys=("model", "config"), kind="train_gpt2.py checkpoint (or chat_sft.py's)")
-        model = model_from_checkpoint(checkpoint, path)
         train_config = checkpoint.get("train_config")
-        return model, isinstance(train_config, dict) and train_config.get("chat_format") == CHAT_FORMAT
+        return model_from_checkpoint(checkpoint, path), train_config if isinstance(train_config, dict) else None
     try:
-        model = GPT.from_pretrained(source)
+        return GPT.from_pretrained(source), None
     except (ValueError, OSError) as e:
         raise ConfigError(str(e)) from None
-    return model, model.config.vocab_size == CHAT_VOCAB_SIZE
 
 
 # -----------------------------------------------------------------------------

@@ -26,8 +26,9 @@ import torch
 
 from checkpoints import load_model
 from model import GPT2_VOCAB_SIZE, is_conv1d_weight
-from options import ConfigError, help_text, option, parse
-from tokenizer import ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, get_chat_encoding, get_encoding
+from options import ConfigError, option, run
+from tokenizer import (ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, get_chat_encoding, get_encoding,
+                       is_chat_model)
 
 
 # -----------------------------------------------------------------------------
@@ -168,26 +169,21 @@ class ExportConfig:
     out: str = option("", "the transformers directory to write (created if missing)")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(ExportConfig, "export.py", __doc__))
-        return 0
+def export(cfg):
+    if not cfg.model or not cfg.out:
+        raise ConfigError("--model and --out are both needed (see --help)")
+    model, train_config = load_model(cfg.model)
+    chat = is_chat_model(model, train_config)
     try:
-        cfg, _ = parse(ExportConfig, argv)
-        if not cfg.model or not cfg.out:
-            raise ConfigError("--model and --out are both needed (see --help)")
-        model, chat = load_model(cfg.model)
-        try:
-            save_pretrained(model, cfg.out, chat=chat)
-        except ValueError as e:
-            raise ConfigError(f"{cfg.model}: {e}") from None
-    except ConfigError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
+        save_pretrained(model, cfg.out, chat=chat)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.model}: {e}") from None
     print(f"exported {cfg.model} ({'a chat model' if chat else 'GPT-2'}, {model.num_params():,} parameters) to "
           f"{cfg.out}: transformers.AutoModelForCausalLM.from_pretrained({cfg.out!r})")
-    return 0
+
+
+def main(argv=None):
+    return run("export.py", __doc__, ExportConfig, argv, export)
 
 
 if __name__ == "__main__":

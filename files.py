@@ -1,10 +1,11 @@
-"""What every command shares, without torch: atomic writes, the token shards' names, the scores to beat, the hub.
+"""What every command shares, without torch: atomic writes, JSON Lines, the shards' names, the scores to beat, the hub.
 
     python -c "import files; print(files.shard_pattern('train'), repr(files.hub_offline(False)))"
 """
 
 import contextlib
 import http.client
+import json
 import os
 import urllib.error
 import urllib.request
@@ -39,6 +40,29 @@ def atomic_write(path, write, tmp=None):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class JSONLinesError(ValueError):
+    """A line of a JSON Lines file that is not UTF-8 or not JSON; the message names the file and line."""
+
+
+def jsonl_records(path):
+    """(where, record) for each non-blank line of a JSON Lines file, where "path:line". JSONLinesError for a line that
+    is not UTF-8 or not JSON (the file is read as bytes and decoded line by line to tell which)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JSONLinesError(f"{where}: not UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))  # the column of an error on this line, not the next
+            except json.JSONDecodeError as e:
+                raise JSONLinesError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+            yield where, record
 
 
 def shard_filename(index):

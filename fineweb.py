@@ -29,8 +29,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from files import SHARD_PREFIX, atomic_write, hub_offline, shard_filename
-from options import ConfigError, at_least, help_text, option, parse
+from files import SHARD_PREFIX, JSONLinesError, atomic_write, hub_offline, jsonl_records, shard_filename
+from options import ConfigError, at_least, option, parse, run
 
 SCRIPT = os.path.basename(__file__)
 ENCODING = "gpt2"                     # tiktoken's GPT-2 BPE; its <|endoftext|> (50256) starts every document
@@ -81,20 +81,11 @@ def record_text(record, where):
 
 def iter_jsonl(path):
     """Texts of a JSON Lines file: one object with a "text" field per non-blank line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+    try:
+        for where, record in jsonl_records(path):
             yield record_text(record, where)
+    except JSONLinesError as e:
+        raise DataError(str(e)) from None
 
 
 def iter_json(path):
@@ -598,21 +589,16 @@ def warn(lines):
         print(f"{SCRIPT}: warning: {line}", file=sys.stderr)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(FinewebConfig, SCRIPT, __doc__))
-        return 0
+def tokenize(cfg):
     try:
-        prepare(parse_args(argv))
-    except (ConfigError, DataError, OSError) as e:
-        message = " ".join(str(e).split("\n"))
-        print(f"{SCRIPT}: error: {message}", file=sys.stderr)
-        return 2
+        prepare(cfg)
     except KeyboardInterrupt:
         print(f"\n{SCRIPT}: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    return 0
+
+
+def main(argv=None):
+    return run(SCRIPT, __doc__, FinewebConfig, argv, tokenize, errors=(DataError, OSError), read=parse_args)
 
 
 if __name__ == "__main__":

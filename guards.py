@@ -1,9 +1,7 @@
-"""What guards a training run, beside its story: the options checked, the model a run starts from checked against
-them, the micro-batch that fits in memory, the ranks' agreement, and the stop on a non-finite loss.
+"""What guards a training run, one call each from its story: the options checked, the model it starts from checked
+against them, the micro-batch that fits in memory, the ranks' agreement, the stop on a non-finite loss.
 
     python -c "import guards, train_gpt2; print(guards.batch_size_candidates(train_gpt2.TrainConfig(), 8))"
-
-Each is one call from train_gpt2.py (chat_sft.py shares the checks of its own options and the last two).
 """
 
 import dataclasses
@@ -100,11 +98,9 @@ def model_config(cfg):
 
 
 def check_start(cfg, start, source, log=print):
-    """cfg with the architecture of the model the run starts from: start is a checkpoint being resumed, or GPT-2's
-    weights (init_from), or None (a fresh init, the options'). A resume must have the options' architecture and
-    optimizer; init_from brings its own architecture. source names start in the errors."""
-    if start is None:
-        return cfg
+    """cfg with the architecture of the model the run starts from, start: a checkpoint being resumed (its
+    architecture and optimizer must be the options') or GPT-2's weights (init_from: its architecture replaces the
+    options'). source names start in the errors."""
     config = checkpoint_config(start, source)
     fields = model_fields(cfg)
     if "train_config" in start and cfg.init_from == "scratch":
@@ -166,15 +162,13 @@ def batch_size_candidates(cfg, world_size):
 def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
     """cfg with --batch_size=auto resolved for the ranks d: the largest candidate micro-batch that fits, a resumed
     run's own tried first (another split of the same batch changes the losses in their last bits). On a GPU by trial
-    steps, on cpu and mps by train_memory_bytes against the memory available (start, the checkpoint or weights being
-    loaded, counts as available: it is freed once loaded). The ranks all take the smallest of their choices. Logs the
-    choice and why; ConfigError where not even one sequence fits."""
-    if cfg.batch_size != "auto":
-        return cfg
+    steps, on cpu and mps by train_memory_bytes against the memory available (start, the checkpoint or weights
+    loaded, counts as available: it is freed once in the model). The ranks take the smallest of their choices. Logs
+    the choice and why; ConfigError where not even one sequence fits."""
     T, config = cfg.block_size, checkpoint_config(start) if start else model_config(cfg)
     with torch.device("meta"):  # the shapes alone: nothing is allocated
         n_params = GPT(config).num_params()
-    kept = start["train_config"].get("batch_size") if start and "train_config" in start else None
+    kept = start.get("train_config", {}).get("batch_size") if start else None
     first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
     if device.type == "cuda":
         # the run also holds AdamW's two moments (allocated by its first step) and, under DDP, buckets as large as the
@@ -183,6 +177,11 @@ def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
 
         def fits(b):
             return fits_on_gpu(config, b, T, reserve, autocast_dtype, device)
+
+        def why_not(b):
+            return f"{b} ran out of GPU memory in a trial step"
+        too_large = (f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved for the "
+                     "optimizer's state)")
     else:
         budget, where = memory_budget(device, extra=sum(tensor_storages(start).values()) if start else 0)
 
@@ -191,24 +190,25 @@ def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
 
         def fits(b):
             return need(b) <= budget
+
+        def why_not(b):
+            return f"{b} would need ~{need(b) / GB:.1f} GB, {where}"
+        too_large = f"would need ~{need(1) / GB:.1f} GB, {where}"
     chosen, rejected = largest_fitting(batch_size_candidates(cfg, d.world_size), fits, first)
     own = chosen
     if d.ddp:  # the ranks must cut the batch alike: all take the smallest choice (0: none fits on some rank)
         smallest = torch.tensor(chosen or 0, device=device)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         chosen = smallest.item() or None
-    if chosen is None and device.type == "cuda":
-        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens runs out of GPU memory in a trial step "
-                          f"(with {reserve / GB:.1f} GB reserved for the optimizer's state); train a smaller model or "
-                          "shorter sequences (--block_size)")
     if chosen is None:
-        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens would need ~{need(1) / GB:.1f} GB, "
-                          f"{where}; train a smaller model or shorter sequences (--block_size)")
-    if device.type == "cuda":
-        why = f"{rejected[-1]} ran out of GPU memory in a trial step" if rejected else "a trial step fits in GPU memory"
+        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens {too_large}; train a smaller model or "
+                          "shorter sequences (--block_size)")
+    if rejected:
+        why = why_not(rejected[-1])
+    elif device.type == "cuda":
+        why = "a trial step fits in GPU memory"
     else:
-        why = (f"{rejected[-1]} would need ~{need(rejected[-1]) / GB:.1f} GB" if rejected else
-               f"needs ~{need(chosen) / GB:.1f} GB") + f", {where}"
+        why = f"needs ~{need(chosen) / GB:.1f} GB, {where}"
     if chosen != own:
         why += f"; another rank can take only {chosen}"
     if kept is not None and chosen == kept:

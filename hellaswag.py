@@ -1,24 +1,16 @@
-"""
-HellaSwag (validation split, 10,042 examples) for any GPT-2: scored as build-nanogpt's hellaswag.py scores it,
-batched, and split across the ranks of a distributed run. train_gpt2.py imports `load_examples` and `evaluate`.
+"""HellaSwag's 10,042 validation examples for any GPT-2, scored as build-nanogpt scores them, batched and split
+across the ranks of a distributed run (train_gpt2.py imports load_examples and evaluate).
 
-    python hellaswag.py --model gpt2                          # a hub id, a local transformers directory,
-    python hellaswag.py --model log/model_19073.pt            # or a checkpoint written by train_gpt2.py
-    python hellaswag.py --model gpt2 --data hellaswag_val.jsonl --limit 1000 --batch_size 32 --device cpu
+    python hellaswag.py --model gpt2                          # a hub id, a transformers directory, or a run
+    python hellaswag.py --model log --data hellaswag_val.jsonl --limit 1000    # directory / checkpoint of this project
 
-Completion style: each of the 4 endings is appended to the context (`ctx` tokens, then the tokens of " " + ending)
-and the model's cross-entropy is summed over the ending tokens only. `acc` picks the ending with the lowest total
-loss, `acc_norm` the one with the lowest mean loss per token (the length-normalized score the GPT-2/GPT-3 numbers
-quote). Reference, full validation set, fp32: gpt2 acc 0.2859 acc_norm 0.2955, gpt2-xl 0.3842 / 0.4893 (the
-multiple-choice style of the EleutherAI harness gives other numbers; GPT-3 small: acc_norm 0.337).
-
-The data is downloaded once from rowanz/hellaswag into hellaswag/ next to this file (--data FILE uses a local copy).
+Each ending follows the context; acc_norm picks the ending of the lowest mean loss per token (docs/evaluation.md).
+The data is downloaded once into hellaswag/ next to this file (--data FILE: a local copy).
 """
 
 import dataclasses
 import http.client
 import itertools
-import json
 import math
 import os
 import sys
@@ -33,20 +25,16 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoints import load_model
-from files import atomic_write
-from options import ConfigError, at_least, help_text, option, parse
+from files import JSONLinesError, atomic_write, jsonl_records
+from options import ConfigError, at_least, option, run
 from runtime import autocast, get_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 NUM_ENDINGS = 4
-# Every forward pass gets a (4 * batch_size, T) input whose T is its longest row rounded up to a multiple of this (and
-# at most block_size): HellaSwag's rows are tens to a couple of hundred tokens long, so a torch.compile'd model sees
-# a handful of shapes instead of a new one per batch, and rows sorted by length waste about 16 tokens each on padding.
-PAD_MULTIPLE = 32
-# The logits are computed only at the scored positions (the ending tokens), E per row: E is rounded up to a multiple of
-# this, for the same reason.
-SCORED_MULTIPLE = 8
+# a batch's rows are padded to a multiple of PAD_MULTIPLE tokens, and its scored positions (the endings' tokens) to
+# one of SCORED_MULTIPLE: a torch.compile'd model sees a handful of shapes instead of a new one per batch
+PAD_MULTIPLE, SCORED_MULTIPLE = 32, 8
 
 
 class HellaSwagError(ValueError):
@@ -56,16 +44,11 @@ class HellaSwagError(ValueError):
 @dataclasses.dataclass
 class HellaSwagResult:
     n: int  # examples scored
-    correct: int  # examples whose lowest total loss ending is the right one
-    correct_norm: int  # ... whose lowest mean loss per token ending is the right one
+    correct: int  # whose ending of the lowest total loss is the right one (acc)
+    correct_norm: int  # whose ending of the lowest mean loss per token is (acc_norm)
 
-    @property
-    def acc(self):
-        return self.correct / self.n
-
-    @property
-    def acc_norm(self):
-        return self.correct_norm / self.n
+    acc = property(lambda self: self.correct / self.n)
+    acc_norm = property(lambda self: self.correct_norm / self.n)
 
     def __str__(self):
         return f"hellaswag: n={self.n} acc={self.acc:.4f} acc_norm={self.acc_norm:.4f}"
@@ -75,8 +58,7 @@ class HellaSwagResult:
 # data: download, parse, validate
 
 def download(url, path, chunk_size=1 << 20):
-    """Fetch url into path atomically (checkpoints.atomic_write): an interrupted download never leaves a truncated
-    file under the real name."""
+    """Fetch url into path atomically (files.atomic_write): an interrupted download leaves no truncated file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def write(f):
@@ -143,21 +125,12 @@ def parse_examples(path, limit=None):
     """The first `limit` (default all) records of a HellaSwag .jsonl file, each checked; blank lines are skipped."""
     examples = []
     try:
-        with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then names its own line
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(examples) >= limit:
-                    break
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise HellaSwagError(f"{path}:{lineno}: not UTF-8 text") from None
-                if not text.strip():
-                    continue
-                try:
-                    example = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise HellaSwagError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-                examples.append(check_example(example, f"{path}:{lineno}"))
+        for where, record in jsonl_records(path):
+            if limit is not None and len(examples) >= limit:
+                break
+            examples.append(check_example(record, where))
+    except JSONLinesError as e:
+        raise HellaSwagError(str(e)) from None
     except OSError as e:
         raise HellaSwagError(f"{path}: cannot read: {e.strerror or e}") from None
     if not examples:
@@ -313,25 +286,14 @@ class HellaSwagConfig:
                                 "fp32/tf32)", choices=("auto", "bfloat16", "float32"))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(HellaSwagConfig, "hellaswag.py", __doc__))
-        return 0
-    try:
-        cfg, _ = parse(HellaSwagConfig, argv)
-        if cfg.model is None:
-            raise ConfigError("--model is required: a hub id, a transformers directory or a train_gpt2.py checkpoint")
-        device = get_device(cfg.device)
-        examples = load_examples(cfg.data, limit=cfg.limit)
-        model = load_model(cfg.model)[0].to(device)
-    except (HellaSwagError, ConfigError) as e:
-        print(f"hellaswag.py: error: {e}", file=sys.stderr)
-        return 2
+def score(cfg):
+    if cfg.model is None:
+        raise ConfigError("--model is required: a hub id, a transformers directory or a train_gpt2.py checkpoint")
+    device = get_device(cfg.device)
+    examples = load_examples(cfg.data, limit=cfg.limit)
+    model = load_model(cfg.model)[0].to(device).eval()
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    # the reference numbers were measured with TF32 matmuls; bf16 autocast covers the matmuls anyway
-    torch.set_float32_matmul_precision("high")
-    model.eval()
+    torch.set_float32_matmul_precision("high")  # the reference numbers were measured with TF32 matmuls
     print(f"{cfg.model}: {model.num_params():,} parameters, {len(examples)} examples, {device}, {dtype}")
     t0 = time.time()
     result = evaluate(model, examples, device=device, batch_size=cfg.batch_size,
@@ -339,7 +301,10 @@ def main(argv=None):
     dt = time.time() - t0
     print(f"{result.n / dt:.1f} examples/s ({dt:.1f} s)")
     print(result)
-    return 0
+
+
+def main(argv=None):
+    return run("hellaswag.py", __doc__, HellaSwagConfig, argv, score, errors=(HellaSwagError,))
 
 
 if __name__ == "__main__":

@@ -82,8 +82,7 @@ class GPTConfig:
 
 
 def make_norm(config):
-    # GPT-2's LayerNorm has a bias and eps 1e-5 (transformers' layer_norm_epsilon); RMSNorm drops the mean and the bias.
-    if config.norm == "rmsnorm":
+    if config.norm == "rmsnorm":  # no mean, no bias; GPT-2's LayerNorm has both, and eps 1e-5
         return nn.RMSNorm(config.n_embd, eps=1e-5)
     return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
 
@@ -128,8 +127,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
-        self.qk_norm = config.qk_norm
+        self.n_head, self.qk_norm = config.n_head, config.qk_norm
         # key, query, value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -143,10 +141,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.qk_norm:
-            # q and k of RMS 1 bound every attention logit by sqrt(hs): q and k cannot grow until the softmax
-            # saturates (logit blow-up), which is what destabilizes training at high learning rates
-            # (modded-nanogpt, nanochat). Parameter-free: no weights added. Before rope, which keeps norms.
+        if self.qk_norm:  # q, k of RMS 1 bound every attention logit by sqrt(hs): no blow-up at high lrs
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -166,9 +161,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.mlp == "swiglu":
-            # SwiGLU has three matrices instead of two; a hidden size of 8/3 * n_embd (rounded up to a multiple of 64
-            # for the GPU) keeps the parameter count that of the 4 * n_embd GELU MLP: 2048 for n_embd 768, exactly.
+        if config.mlp == "swiglu":  # three matrices: 8/3 * n_embd hidden (2048 at 768) keeps GELU's parameters
             hidden = -(-8 * config.n_embd // (3 * 64)) * 64
             self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
         else:
@@ -182,9 +175,7 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
-        elif self.kind == "relu2":
-            # ReLU² (Primer, So et al. 2021; modded-nanogpt): cheaper than GELU's tanh, sparse (every negative
-            # input gives exactly 0), and faster per token than GELU at this size in modded-nanogpt's speedruns
+        elif self.kind == "relu2":  # ReLU² (Primer, So et al. 2021): cheaper than GELU's tanh, and sparse
             h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
@@ -213,9 +204,7 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
-        else:
-            # rope: cos and sin of every position computed once, not in every forward; non-persistent buffers, so
-            # they follow .to(device) but stay out of the state_dict (weights only, keys as with learned positions)
+        else:  # rope's cos and sin, computed once: buffers follow .to(device), non-persistent ones skip the state_dict
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs / 2)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -223,16 +212,11 @@ class GPT(nn.Module):
         modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            # weight tying (GPT-2, and "Using the Output Embedding to Improve Language Models"): one matrix maps
-            # tokens in and logits out; it is 38.6M of GPT-2 small's 124M parameters.
+        if config.tie_embeddings:  # GPT-2: one matrix maps tokens in and logits out, 38.6M of its 124M parameters
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # Every block adds two residual projections into the stream, so its variance grows with 2 * n_layer
-        # additions; scaling their init by 1/sqrt(2 * n_layer) keeps the stream's scale independent of depth.
-        # zero_init starts them at 0 instead (modded-nanogpt, nanochat): every block begins as the identity, and an
-        # untied lm_head at 0 starts from the uniform distribution, loss ln(vocab_size); the gradients move them off
-        # 0 in the first steps.
+        # each block adds two residual projections into the stream, whose variance grows with the 2 * n_layer sums:
+        # their init scaled by 1/sqrt(2 * n_layer) keeps its scale. zero_init: at 0, every block starts as the identity
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 if config.zero_init:
@@ -249,9 +233,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=False):
-        """Parameters, a tied wte/lm_head matrix counted once. non_embedding leaves out the lookup tables, which cost
-        no matmul (as nanoGPT's FLOPs estimate does): the position embeddings (none with rope) and an untied wte; a
-        tied wte stays, being also the lm_head, a matmul."""
+        """Parameters, a tied wte/lm_head counted once; non_embedding: without the lookup tables, which cost no matmul
+        (wpe and an untied wte; a tied one is the lm_head too)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if "wpe" in self.transformer:
@@ -261,18 +244,15 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 per weight of the matmuls (num_params(non_embedding=True):
-        every weight but the lookup tables; an untied lm_head is counted) plus the attention scores and values,
-        12 * n_layer * n_head * head_size * seq_len (PaLM appendix B, as nanoGPT's MFU estimate). Elementwise work
-        (norms, activations, rope, softcap) is not counted."""
+        """Training FLOPs per token: 6 per matmul weight, plus attention's 12 * n_layer * n_head * head_size * seq_len
+        (PaLM's appendix B, as nanoGPT's MFU); elementwise work not counted."""
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
     def forward(self, idx, targets=None, positions=None, kv_cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy against targets (B, T), or None).
-        positions (B, E), optional: the logits of those positions only, (B, E, vocab_size) (and targets (B, E)). The
-        lm_head is a third of GPT-2 small's matmul FLOPs; an eval that scores a few positions of each row skips most
-        of it. kv_cache (generate's): one KVCache per layer; idx continues the positions cached there."""
+        positions (B, E): the logits of those positions only (an eval that scores a few skips most of the lm_head,
+        a third of the FLOPs). kv_cache (generate's): one KVCache per layer, which idx continues."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache[0].pos  # position of idx[:, 0]
         if start + T > self.config.block_size:
@@ -290,16 +270,11 @@ class GPT(nn.Module):
         if positions is not None:
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
         logits = self.lm_head(x)  # (B, T or E, vocab_size)
-        if self.config.logit_softcap:
-            # squash the logits smoothly into (-cap, cap): no logit can run away, a stabilizer like qk_norm (Gemma 2,
-            # modded-nanogpt). In the logits' own dtype (bf16 under autocast: half the memory traffic of an fp32 copy
-            # of the (B, T, vocab) tensor); the cross-entropy below is computed in fp32 all the same (autocast runs
-            # log_softmax in fp32).
+        if self.config.logit_softcap:  # squashed smoothly into (-cap, cap): no logit runs away (Gemma 2)
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         loss = None
-        if targets is not None:
-            # mean over the tokens whose target is not -1 (padding / masked positions)
+        if targets is not None:  # the mean over the tokens whose target is not -1 (padding, masked positions)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 

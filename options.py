@@ -7,6 +7,7 @@
 
 import argparse
 import dataclasses
+import sys
 import textwrap
 
 HELP_WIDTH = 116  # --help's lines, wrapped
@@ -31,6 +32,21 @@ def option(default, help, section=None, **argparse_args):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, through the script's own error handling, not argparse's usage and exit
         raise ConfigError(f"{message} (see --help)")
+
+
+def run(script, doc, config_class, argv, work, errors=(), read=None):
+    """A command's main(): --help (exit code 0), or work(its options) -> the exit code (None: 0), the options read from
+    argv by read(argv) (default: parse's config); a ConfigError or one of errors is one line `SCRIPT: error: ...` and
+    exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(config_class, script, doc))
+        return 0
+    try:
+        return work(read(argv) if read else parse(config_class, argv)[0]) or 0
+    except (ConfigError, *errors) as e:
+        print(f"{script}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
 
 
 def parse(config_class, argv):
@@ -62,7 +78,8 @@ def convert(field, text):
     """An option's text as its field's type (each item for nargs); ConfigError naming the option if it isn't one."""
     if isinstance(text, list):
         return [convert(field, item) for item in text]
-    kind, choices = field.metadata.get("type") or (str if field.type is list else field.type), field.metadata.get("choices")
+    kind = field.metadata.get("type") or (str if field.type is list else field.type)
+    choices = field.metadata.get("choices")
     try:
         value = parse_bool(text) if kind is bool else kind(text)
         if choices and value not in choices:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from files import REFERENCES, atomic_write
-from options import ConfigError, help_text, option, parse
+from options import option, run
 
 HELLASWAG_CHANCE = 0.25  # four endings to choose from
 LOG_KINDS = ("train", "val", "hella")
@@ -211,27 +211,14 @@ class PlotConfig:
                                                       "is <= this (default: GPT-2 124M's)")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(PlotConfig, "plot.py", __doc__))
-        return 0
-    try:
-        args, _ = parse(PlotConfig, argv)
-    except ConfigError as e:
-        print(f"plot.py: error: {e}", file=sys.stderr)
-        return 2
+def draw(args):
     logs = args.logs
     output = args.output or (os.path.join(os.path.dirname(logs[0]), "plot.png") if len(logs) == 1 else "compare.png")
-    try:
-        if not math.isfinite(args.target):
-            raise PlotError(f"--target: {args.target} is not a finite val loss")
-        labels = run_labels(logs, args.labels)
-        runs = [read_log(log) for log in logs]
-        plot(runs, labels, output, title=logs[0] if len(logs) == 1 else " vs ".join(labels))
-    except PlotError as e:
-        print(f"plot.py: error: {e}", file=sys.stderr)
-        return 2
+    if not math.isfinite(args.target):
+        raise PlotError(f"--target: {args.target} is not a finite val loss")
+    labels = run_labels(logs, args.labels)
+    runs = [read_log(log) for log in logs]
+    plot(runs, labels, output, title=logs[0] if len(logs) == 1 else " vs ".join(labels))
     for series, label in zip(runs, labels):
         for line in summary(series):
             print(f"{label}: {line}" if len(runs) > 1 else line)
@@ -239,7 +226,10 @@ def main(argv=None):
     for line in table(runs, labels, args.target):
         print(line)
     print(f"wrote {output}")
-    return 0
+
+
+def main(argv=None):
+    return run("plot.py", __doc__, PlotConfig, argv, draw, errors=(PlotError,))
 
 
 if __name__ == "__main__":

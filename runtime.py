@@ -41,8 +41,6 @@ def dist_from_env():
 
 def init_distributed(d, device):
     """Join the process group of a torchrun launch: NCCL between GPUs, gloo between CPU processes."""
-    if not d.ddp:
-        return
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=device)
@@ -51,24 +49,18 @@ def init_distributed(d, device):
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (kill, cloud preemption, a scheduler's time limit) as requests to stop: inside the
-    `with` block the first one only sets a flag, which the training loop reads after each optimizer step (it saves a
-    checkpoint and exits); a second SIGINT, a person pressing Ctrl-C again, raises KeyboardInterrupt at once. Not a
-    second SIGTERM, nor a SIGINT within a second of the first: under torchrun one Ctrl-C reaches a worker twice (from
-    the terminal, then forwarded by torchrun), and torchrun forwards the SIGTERM it gets. The previous handlers come
-    back on exit."""
+    """SIGINT (Ctrl-C) and SIGTERM (kill, preemption, a scheduler's time limit) inside the `with` block set a flag the
+    loop reads after each step, to save and exit; a second Ctrl-C raises KeyboardInterrupt at once. Not a second
+    SIGTERM, nor a SIGINT within a second of the first: torchrun forwards the signals it gets, so one Ctrl-C reaches
+    a worker twice."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    REPEAT_AFTER = 1.0  # seconds: a SIGINT this long after the first is a second Ctrl-C
+    SIGNALS, REPEAT_AFTER = (signal.SIGINT, signal.SIGTERM), 1.0  # seconds: a later SIGINT is a second Ctrl-C
 
     def __init__(self):
-        self.signum = 0  # the first signal received, 0 for none
-        self.first_at = 0.0
-        self.previous = {}
+        self.signum, self.first_at, self.previous = 0, 0.0, {}  # the first signal received (0: none), when
 
     def __enter__(self):
-        for signum in self.SIGNALS:
-            self.previous[signum] = signal.signal(signum, self.handle)
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -104,9 +96,8 @@ class StopSignal:
 
 
 def script_main(script, d, work):
-    """A training script's main() around work(), which returns the exit code: a ConfigError is one line
-    `SCRIPT: error: ...` and exit code 2; a Ctrl-C before training started (or a second one) stops at once with one
-    line and 130; the process group is left in the end, the ranks together after a normal end."""
+    """A training script's main() around work(), which returns the exit code: a ConfigError is one line and exit code
+    2; a Ctrl-C before training (or a second one) one line and 130; the ranks leave the process group together."""
     together = False
     try:
         code = work()
@@ -139,17 +130,12 @@ def end_distributed(together):
 # the device and its precision
 
 def default_device():
-    """The device to run on when none is named: cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def get_device(name, d=None):
-    """The torch.device for a --device value ("auto" picks default_device()), checked to exist on this machine; in a
-    distributed run each process takes the GPU of its local rank. Raises ConfigError."""
+    """The torch.device of a --device value ("auto": cuda, then mps, then cpu), checked to exist here; each process
+    of a distributed run takes the GPU of its local rank. Raises ConfigError."""
     name = default_device() if name == "auto" else name
     try:
         device = torch.device(name)
@@ -160,19 +146,15 @@ def get_device(name, d=None):
         raise ConfigError(f"--device {name}: expected cuda, mps or cpu")
     if not available[device.type]():
         raise ConfigError(f"--device {name}: not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if d is not None and d.ddp:
-        if device.type == "mps":
-            raise ConfigError("distributed training needs cuda (NCCL) or cpu (gloo), not mps")
-        if device.type == "cuda":
-            return torch.device("cuda", d.local_rank)
-    return device
+    if d is not None and d.ddp and device.type == "mps":
+        raise ConfigError("distributed training needs cuda (NCCL) or cpu (gloo), not mps")
+    return torch.device("cuda", d.local_rank) if d is not None and d.ddp and device.type == "cuda" else device
 
 
 def setup_precision(device):
-    """The recipe's precision: TF32 matmuls and bf16 autocast on CUDA (returns torch.bfloat16); plain fp32 on cpu and
-    mps (returns None), where it is exact and reproducible."""
+    """TF32 matmuls and bf16 autocast on CUDA (returns torch.bfloat16); fp32 on cpu and mps (None): exact there."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         if torch.cuda.is_bf16_supported():
@@ -181,27 +163,15 @@ def setup_precision(device):
 
 
 def autocast(device_type, dtype):
-    """torch.autocast to dtype on device_type ("cuda", "cpu"...), a no-op when dtype is None (full precision)."""
+    """torch.autocast to dtype, a no-op when dtype is None (full precision)."""
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None)
 
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name;
 # the first match wins, so the more specific names come first.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-)
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+                   ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))  # "H100": SXM
 
 
 def peak_memory_bytes(device):
@@ -215,9 +185,7 @@ def peak_memory_bytes(device):
 def peak_flops(device):
     """The bf16 dense peak FLOP/s of a torch.device, or None where it is unknown (CPU, MPS, an unlisted GPU)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return peak_flops_of(torch.cuda.get_device_name(device))
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def peak_flops_of(name):

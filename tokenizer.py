@@ -53,6 +53,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def is_chat_model(model, train_config):
+    """Whether a model was fine-tuned in the chat format: a chat_sft.py checkpoint (its train_config names
+    CHAT_FORMAT), or an export of exactly the chat vocabulary (train_config None)."""
+    if train_config is not None:
+        return train_config.get("chat_format") == CHAT_FORMAT
+    return model.config.vocab_size == CHAT_VOCAB_SIZE
+
+
 def get_encoding():
     """tiktoken's GPT-2 encoding (tiktoken caches it: every call returns the same object)."""
     import tiktoken

@@ -52,20 +52,17 @@ def auto_or_int(text):
 
 @dataclass
 class TrainConfig:
-    recipe: str = option("gpt2", "gpt2: the GPT-3 small recipe, every default below; fast: the modern recipe, whose "
-                                 "defaults --help lists at the end (an option given explicitly still wins)",
-                         section="recipe")
+    recipe: str = option("gpt2", "gpt2: GPT-3 small's, every default below; fast: the modern one (--help lists what "
+                                 "it sets; an option given still wins)", section="recipe")
     data_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B"),
-                           "edufineweb_{train,val}_NNNNNN.npy token shards (fineweb.py's, next to this script)",
-                           section="data and output")
+                           "fineweb.py's token shards", section="data and output")
     log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
     n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small")
     n_head: int = option(12, "attention heads (n_embd must be a multiple)")
     n_embd: int = option(768, "width of the residual stream")
     vocab_size: int = option(PADDED_VOCAB_SIZE, "rows of the token embedding: GPT-2's 50257 padded to 393 * 128")
     block_size: int = option(1024, "sequence length T")
-    init_from: str = option("scratch", "\"scratch\", or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers "
-                                       "directory")
+    init_from: str = option("scratch", "or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers directory")
     norm: str = option("layernorm", "layernorm | rmsnorm", section="model: architecture switches, GPT-2's by default")
     mlp: str = option("gelu", "gelu | swiglu | relu2")
     pos_emb: str = option("learned", "learned | rope")
@@ -74,11 +71,9 @@ class TrainConfig:
     bias: bool = option(True, "biases in the linear layers and layer norms")
     logit_softcap: float = option(0.0, "cap * tanh(logits / cap) (0: off)")
     zero_init: bool = option(False, "residual projections (and an untied head) start at zero")
-    batch_size: int | str = option("auto", "micro-batch per process, in sequences; auto: the largest one up to 64 "
-                                           "that fits in memory (a resumed run keeps its own while it fits)",
-                                   type=auto_or_int, metavar="auto|int",
-                                   section="batch: total_batch_size tokens per step = batch_size * block_size * "
-                                           "processes * grad_accum_steps")
+    batch_size: int | str = option("auto", "micro-batch per process; auto: the largest up to 64 that fits in memory",
+                                   type=auto_or_int, metavar="auto|int", section="batch: total_batch_size tokens = "
+                                   "batch_size * block_size * processes * grad_accum_steps")
     total_batch_size: int = option(524288, "2**19 tokens, GPT-3 small's 0.5M batch")
     optimizer: str = option("adamw", "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)",
                             section="optimizer: AdamW, linear warmup then cosine decay to min_lr (GPT-3 small's)")
@@ -87,8 +82,7 @@ class TrainConfig:
     embedding_lr: float = option(0.2, "muon only: the AdamW peak lr of the token (and position) embeddings")
     head_lr: float = option(0.004, "muon only: the AdamW peak lr of the output head")
     scalar_lr: float = option(0.04, "muon only: the AdamW peak lr of norm gains and biases")
-    schedule: str = option("cosine", "cosine | warmdown (warmup, constant, then linear to min_lr over the last "
-                                     "warmdown_frac of the steps)")
+    schedule: str = option("cosine", "cosine | warmdown (constant, then linear to min_lr over warmdown_frac)")
     warmdown_frac: float = option(0.4, "warmdown only: the fraction of max_steps spent decaying to min_lr")
     warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
     max_steps: int = option(19073, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
@@ -97,21 +91,18 @@ class TrainConfig:
     beta2: float = option(0.95, "")
     eps: float = option(1e-8, "")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    val_every: int = option(250, "val loss", section="evaluation and checkpoints, every N steps and at the last "
-                                                     "step (0: never; the final checkpoint is always saved)")
+    val_every: int = option(250, "val loss", section="evals and checkpoints, every N steps and at the last (0: never)")
     val_tokens: int = option(10485760, "val tokens from the val shard, for any number of processes (160 x 64K)")
     hellaswag_every: int = option(250, "HellaSwag acc_norm")
     hellaswag_data: str = option("", "a local hellaswag_val.jsonl, or \"\" to download it once")
     hellaswag_limit: int = option(0, "score the first N examples only (0: all 10,042)")
     sample_every: int = option(250, "text samples from the model")
-    sample_prompt: str = option("Hello, I'm a language model,", "what the samples continue (empty: from "
-                                                                "<|endoftext|>)")
+    sample_prompt: str = option("Hello, I'm a language model,", "what they continue (empty: <|endoftext|>)")
     num_samples: int = option(4, "samples each time")
     sample_length: int = option(32, "new tokens per sample")
-    checkpoint_every: int = option(1000, "for an exact resume (Ctrl-C and SIGTERM save one too)")
+    checkpoint_every: int = option(1000, "for an exact resume (Ctrl-C and SIGTERM save one, and the last step)")
     keep_checkpoints: int = option(3, "the newest N checkpoints are kept (0: all)")
-    resume: str = option("auto", "\"auto\": the newest checkpoint in log_dir if any; a checkpoint path; \"\": a "
-                                 "fresh run")
+    resume: str = option("auto", "auto: the newest checkpoint in log_dir, if any; a checkpoint; \"\": a fresh run")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu", section="system")
     compile: bool = option(True, "torch.compile the model (cuda and cpu; ignored on mps)")
     seed: int = option(1337, "the initial weights and the samples")
@@ -121,13 +112,9 @@ class TrainConfig:
 
 
 def recipe_defaults(recipe, cfg):
-    """{option: value} that a recipe sets instead of TrainConfig's defaults, for a model as wide as cfg's.
-
-    fast: the modern small-model recipe of modded-nanogpt and nanochat. The block: RMSNorm without biases, rotary
-    positions, RMS-normalized q and k, ReLU² MLP, a logit soft-cap, an untied head, residual projections and head
-    starting at zero. Muon for the blocks' matrices (its lr is max_lr), AdamW (betas 0.8, 0.95) for the rest, no
-    weight decay; no warmup, constant, then a linear warmdown to 0 over the last 40% of the steps. AdamW's lrs shrink
-    as 1/sqrt(width) (nanochat's rule, tuned at 768 wide), so one recipe serves a laptop-size model and GPT-2 small."""
+    """{option: value} a recipe sets instead of TrainConfig's defaults, for a model as wide as cfg's. fast: the block
+    and optimizer of modded-nanogpt and nanochat (docs/training.md); AdamW's lrs shrink as 1/sqrt(width), nanochat's
+    rule, tuned at 768 wide."""
     if recipe == "gpt2":
         return {}
     if recipe != "fast":
@@ -295,6 +282,33 @@ def sample(model, enc, *, prompt, num_samples, length, seed, device, autocast_dt
     return [enc.decode(row) for row in out.tolist()]
 
 
+def run_evals(s, d, step, due_now, val_stream, examples, enc, log, record):
+    """The evals due_now ({"val": bool, "hella": bool, "sample": bool}) of the model after `step` optimizer steps:
+    logged, and recorded in log.txt (record(step, kind, value, format))."""
+    cfg, device, gpt2, gpt3 = s.cfg, s.device, REFERENCES["gpt2"], REFERENCES["gpt3"]
+    s.model.eval()
+    t0 = time.perf_counter()
+    if due_now["val"]:
+        val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // (cfg.batch_size * cfg.block_size),
+                                 B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size, device=device,
+                                 autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size)
+        log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
+        record(step, "val", val_loss, ".4f")
+    if due_now["hella"]:
+        result = hellaswag.evaluate(s.model, examples, device=device, autocast_dtype=s.autocast_dtype, rank=d.rank,
+                                    world_size=d.world_size)
+        log(f"step {step:5d} | HellaSwag acc_norm {result.correct_norm}/{result.n} = {result.acc_norm:.4f} "
+            f"(GPT-2 124M: {gpt2['hella']}, GPT-3 124M: {gpt3['hella']})")
+        record(step, "hella", result.acc_norm, ".4f")
+    if due_now["sample"] and d.master:
+        for i, text in enumerate(sample(s.raw_model, enc, prompt=cfg.sample_prompt, num_samples=cfg.num_samples,
+                                        length=cfg.sample_length, seed=cfg.seed, device=device,
+                                        autocast_dtype=s.autocast_dtype)):
+            log(f"step {step:5d} | sample {i}: {text!r}")
+    s.model.train()
+    log(f"step {step:5d} | evals took {time.perf_counter() - t0:.1f} s")
+
+
 # -----------------------------------------------------------------------------
 # setup: device, precision, model, micro-batch, optimizer, compile, DDP
 
@@ -315,13 +329,16 @@ def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
     model (the checkpoint's, with its optimizer state, on resume), the micro-batch, the optimizer, torch.compile and
     the DDP wrapper. Raises ConfigError."""
     device = get_device(cfg.device, d)
-    init_distributed(d, device)
-    if d.ddp:
+    if d.ddp:  # torchrun: join the process group; the ranks must resume the same step
+        init_distributed(d, device)
         check_same_step(checkpoint["step"] if checkpoint else 0, device)
     autocast_dtype = setup_precision(device)
-    start = checkpoint or pretrained_weights(cfg.init_from)  # the weights the run starts from; None: a fresh init
-    cfg = check_start(cfg, start, checkpoint_path, log)  # the architecture in force
-    cfg = fit_micro_batch(cfg, d, device, autocast_dtype, start, log)  # --batch_size=auto
+    # the weights the run starts from: the checkpoint's, GPT-2's (init_from), or None for a fresh init
+    start = checkpoint or (pretrained_weights(cfg.init_from) if cfg.init_from != "scratch" else None)
+    if start:
+        cfg = check_start(cfg, start, checkpoint_path, log)  # the architecture of the model it starts from
+    if cfg.batch_size == "auto":
+        cfg = fit_micro_batch(cfg, d, device, autocast_dtype, start, log)
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     raw_model = model_from_checkpoint(start, checkpoint_path) if start else GPT(model_config(cfg))
     raw_model.to(device)
@@ -368,29 +385,10 @@ def train(cfg, d):
     train_stream, val_stream, examples = open_data(cfg)
     loader = TrainLoader(train_stream, cfg.batch_size, cfg.block_size, d.rank, d.world_size, cfg.vocab_size, device)
     if checkpoint:
-        loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"], device)
-        changed = compare_configs(checkpoint["train_config"], dataclasses.asdict(cfg))
-        log(f"resuming from {resume_path} at step {start_step}" +
-            (f"; changed options: {'; '.join(changed)}" if changed else ""))
+        resume(checkpoint, resume_path, loader, cfg, device, log)
         del checkpoint  # the optimizer and model hold copies; free ~3x the model's size of host memory
     enc = tiktoken.get_encoding("gpt2") if cfg.sample_every else None
-
-    # log_dir: config.json, log.txt (cut back to the resumed step, then appended), checkpoints
-    log_path, wandb = None, None
-    if d.master:
-        resolved = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(raw_model.config),
-                    "world_size": d.world_size, "grad_accum_steps": s.grad_accum_steps, "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                    "torch": torch.__version__,
-                    "num_params": raw_model.num_params(), "compile": s.model is not raw_model,
-                    "autocast_dtype": str(s.autocast_dtype) if s.autocast_dtype else "float32"}
-        print(json.dumps(resolved, indent=2))
-        log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
-        if cfg.wandb_log:
-            import wandb  # optional, imported only when asked for
-
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
+    log_path, wandb = start_log(s, d, start_step) if d.master else (None, None)
 
     def record(step, kind, value, fmt, **extra):
         if d.master:
@@ -403,7 +401,6 @@ def train(cfg, d):
                                    raw_model=raw_model, optimizer=s.optimizer, loader=loader,
                                    train_config=dataclasses.asdict(cfg), device=device)
 
-    gpt2, gpt3 = REFERENCES["gpt2"], REFERENCES["gpt3"]
     flops_per_token, peak = raw_model.flops_per_token(cfg.block_size), peak_flops(device)
     step_times = []  # seconds of each train step of this process (evals and checkpoints excluded)
     log(f"total batch {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world_size} "
@@ -412,31 +409,10 @@ def train(cfg, d):
         for step in range(start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # --- evaluations of the model as it is after `step` optimizer steps
-            do_val, do_hella = due(step, cfg.val_every, last), due(step, cfg.hellaswag_every, last)
-            do_sample = due(step, cfg.sample_every, last)
-            if do_val or do_hella or do_sample:
-                s.model.eval()
-                t0 = time.perf_counter()
-                if do_val:
-                    val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // (cfg.batch_size *
-                                             cfg.block_size), B=cfg.batch_size, T=cfg.block_size,
-                                             vocab_size=cfg.vocab_size, device=device,
-                                             autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size)
-                    log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
-                    record(step, "val", val_loss, ".4f")
-                if do_hella:
-                    result = hellaswag.evaluate(s.model, examples, device=device, autocast_dtype=s.autocast_dtype,
-                                                rank=d.rank, world_size=d.world_size)
-                    log(f"step {step:5d} | HellaSwag acc_norm {result.correct_norm}/{result.n} = "
-                        f"{result.acc_norm:.4f} (GPT-2 124M: {gpt2['hella']}, GPT-3 124M: {gpt3['hella']})")
-                    record(step, "hella", result.acc_norm, ".4f")
-                if do_sample and d.master:
-                    for i, text in enumerate(sample(raw_model, enc, prompt=cfg.sample_prompt,
-                                                    num_samples=cfg.num_samples, length=cfg.sample_length,
-                                                    seed=cfg.seed, device=device, autocast_dtype=s.autocast_dtype)):
-                        log(f"step {step:5d} | sample {i}: {text!r}")
-                s.model.train()
-                log(f"step {step:5d} | evals took {time.perf_counter() - t0:.1f} s")
+            due_now = {kind: due(step, every, last) for kind, every in (("val", cfg.val_every), ("hella",
+                       cfg.hellaswag_every), ("sample", cfg.sample_every))}
+            if any(due_now.values()):
+                run_evals(s, d, step, due_now, val_stream, examples, enc, log, record)
             # --- checkpoint (not at the step just resumed from: that checkpoint exists); the last step's always
             if step > start_step and (last or due(step, cfg.checkpoint_every, last)):
                 save(step)
@@ -461,17 +437,49 @@ def train(cfg, d):
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
             if code := stop.stop_after(step, save, SCRIPT, device, d):
                 return code
-
-    steady = step_times[1:] or step_times  # the first step of a process includes torch.compile's work and warm-up
-    if steady:
-        tokens_per_sec = cfg.total_batch_size * len(steady) / sum(steady)
-        log(f"done: {len(steady)} steps averaged {1000 * sum(steady) / len(steady):.1f} ms/step, "
-            f"{tokens_per_sec:,.0f} tok/s, MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}, "
-            f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB (the first step of this process excluded: "
-            "warm-up, and torch.compile's work when on)")
+    log(speed_summary(step_times, cfg.total_batch_size, flops_per_token, peak, d.world_size, device))
     if wandb:
         wandb.finish()
     return 0
+
+
+def resume(checkpoint, path, loader, cfg, device, log):
+    """Continue where the checkpoint stopped: the loader's position and the RNG; logs the options that changed."""
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"], device)
+    changed = compare_configs(checkpoint["train_config"], dataclasses.asdict(cfg))
+    log(f"resuming from {path} at step {checkpoint['step']}" +
+        (f"; changed options: {'; '.join(changed)}" if changed else ""))
+
+
+def start_log(s, d, start_step):
+    """Rank 0's log_dir, before the first step: the resolved config printed and in config.json, log.txt cut back to
+    the resumed step (then appended), wandb if asked for. Returns (log.txt's path, the wandb module or None)."""
+    cfg, device = s.cfg, s.device
+    resolved = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(s.raw_model.config),
+                "world_size": d.world_size, "grad_accum_steps": s.grad_accum_steps, "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                "torch": torch.__version__, "num_params": s.raw_model.num_params(),
+                "compile": s.model is not s.raw_model,
+                "autocast_dtype": str(s.autocast_dtype) if s.autocast_dtype else "float32"}
+    print(json.dumps(resolved, indent=2))
+    log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
+    if not cfg.wandb_log:
+        return log_path, None
+    import wandb  # optional, imported only when asked for
+
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
+    return log_path, wandb
+
+
+def speed_summary(step_times, tokens_per_step, flops_per_token, peak, world_size, device):
+    """The mean speed of a run's steps, the first of this process left out (torch.compile's work and warm-up)."""
+    steady = step_times[1:] or step_times
+    tokens_per_sec = tokens_per_step * len(steady) / sum(steady)
+    return (f"done: {len(steady)} steps averaged {1000 * sum(steady) / len(steady):.1f} ms/step, "
+            f"{tokens_per_sec:,.0f} tok/s, MFU {format_mfu(flops_per_token, tokens_per_sec, peak, world_size)}, "
+            f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB (the first step of this process excluded: "
+            "warm-up, and torch.compile's work when on)")
 
 
 def run(cfg, d):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
-from options import ConfigError, at_least, help_text, option, parse
+from options import ConfigError, at_least, option, run
 from runtime import get_device
 
 SCRIPT = "bench.generate_speed"
@@ -53,21 +53,14 @@ class GenerateBenchConfig:
     device: str = option("cpu", "cpu, cuda or mps (bf16 autocast on cuda)")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(GenerateBenchConfig, SCRIPT, __doc__))
-        return 0
+def bench_generate(args):
+    device = get_device(args.device)
     try:
-        args, _ = parse(GenerateBenchConfig, argv)
-        device = get_device(args.device)
         config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd, pos_emb=args.pos_emb, qk_norm=args.qk_norm,
                            mlp=args.mlp)
-    except (ConfigError, ValueError) as e:  # ValueError: GPTConfig's checks
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
-
+    except ValueError as e:  # GPTConfig's checks
+        raise ConfigError(str(e)) from None
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     prompt = torch.randint(0, GPT2_VOCAB_SIZE, (args.batch_size, args.prompt_len), device=device)
@@ -92,6 +85,10 @@ def main(argv=None):
         first = (cached != uncached).any(dim=0).nonzero()[0].item() - args.prompt_len
         print(f"greedy outputs equal: NO, first difference at new token {first}")
     return 0
+
+
+def main(argv=None):
+    return run(SCRIPT, __doc__, GenerateBenchConfig, argv, bench_generate)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 import hellaswag
 from model import GPT, GPTConfig
-from options import ConfigError, at_least, help_text, option, parse
+from options import at_least, option, run
 from runtime import get_device
 
 SCRIPT = "bench.hellaswag_speed"
@@ -81,18 +81,8 @@ class HellaSwagBenchConfig:
     compile: bool = option(False, "torch.compile the model (both runs)")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(HellaSwagBenchConfig, SCRIPT, __doc__))
-        return 0
-    try:
-        args, _ = parse(HellaSwagBenchConfig, argv)
-        device = get_device(args.device)
-    except ConfigError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
-
+def bench_hellaswag(args):
+    device = get_device(args.device)
     gpu = device.type == "cuda"
     n = args.n or (2048 if gpu else 64)
     enc = tiktoken.get_encoding("gpt2")
@@ -121,6 +111,10 @@ def main(argv=None):
     print(f"one example at a time:    {single_rate:8.1f} examples/s")
     print(f"speedup: {batched_rate / single_rate:.2f}x")
     return 0
+
+
+def main(argv=None):
+    return run(SCRIPT, __doc__, HellaSwagBenchConfig, argv, bench_hellaswag)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import tiktoken
 
 import fineweb
-from options import ConfigError, at_least, help_text, option, parse
+from options import at_least, option, run
 
 SCRIPT = "bench.tokenize_speed"
 
@@ -101,17 +101,7 @@ class TokenizeBenchConfig:
     seed: int = option(0, "the generated text's seed")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(TokenizeBenchConfig, SCRIPT, __doc__))
-        return 0
-    try:
-        args, _ = parse(TokenizeBenchConfig, argv)
-    except ConfigError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
-
+def bench_tokenize(args):
     enc = tiktoken.get_encoding(fineweb.ENCODING)
     t0 = time.time()
     docs = generate_documents(int(args.mb * 1e6), args.seed, enc)
@@ -124,9 +114,9 @@ def main(argv=None):
     cpu = {name: [] for name in ways}
     outputs = {}
     for r in range(args.rounds):
-        for name, run in ways.items():
+        for name, way in ways.items():
             t0, c0 = time.perf_counter(), cpu_seconds()
-            outputs[name] = run()
+            outputs[name] = way()
             dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
             rates[name].append(len(outputs[name]) / dt)
             cpu[name].append(dc / len(outputs[name]) * 1e6)
@@ -140,6 +130,10 @@ def main(argv=None):
         print(f"median {name:14s} {m:,.0f} tokens/s ({statistics.median(cpu[name]):.2f} CPU s per M tokens)")
     print(f"ratio fineweb.py / build-nanogpt: {med['fineweb.py'] / med['build-nanogpt']:.2f}x")
     return 0
+
+
+def main(argv=None):
+    return run(SCRIPT, __doc__, TokenizeBenchConfig, argv, bench_tokenize)
 
 
 if __name__ == "__main__":

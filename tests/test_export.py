@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from export import save_pretrained
 from model import GPT, GPTConfig, GPT2_VOCAB_SIZE
-from test_model import SWITCHES, TINY, hf_model, ours, random_tokens, switches_id  # noqa: F401 (ours: a fixture)
+from test_model import SWITCHES, TINY, hf_model, ours, random_tokens, switches_id  # noqa: F401, F811 (a fixture)
 
 
 def test_export_roundtrip_and_greedy_generation(tmp_path, tiny_hf_dir, ours):

@@ -147,7 +147,7 @@ def test_limit_and_blank_lines(tmp_path):
 
 
 @pytest.mark.parametrize("line, problem", [
-    ('{"ctx": "a man", "endings": ["a", "b", "c", "d"], "label": 1', "malformed JSON"),
+    ('{"ctx": "a man", "endings": ["a", "b", "c", "d"], "label": 1', "invalid JSON"),
     ('["a man", ["a", "b", "c", "d"], 1]', "expected a JSON object, got list"),
     ('{"endings": ["a", "b", "c", "d"], "label": 1}', "record without 'ctx'"),
     ('{"ctx": "a man", "label": 1}', "record without 'endings'"),

@@ -28,7 +28,8 @@ def test_parse_args_types_defaults_and_errors():
 
 def test_usage_lists_every_option_under_its_section():
     text = options.help_text(Options, "x.py", "Doc line.\n\n    python x.py")
-    assert text.startswith("Doc line.") and "options of x.py (--name=value or --name value), with their defaults:" in text
+    assert text.startswith("Doc line.")
+    assert "options of x.py (--name=value or --name value), with their defaults:" in text
     # a default holding "# " is printed whole (the old source-parsing --help cut it there)
     assert "\n  first section\n    --name='a # not a comment' (str)  text with a '# ' in its default\n" in text
     assert "    --count=3 (int)  how many\n    --rate=0.5 (float)\n\n  second section\n    --flag=False (bool)" in text

@@ -1,7 +1,6 @@
 """train_gpt2.py and plot.py on CPU with tiny models and shards generated here: the LR schedule, the loader's token
 order, a run's logs and checkpoints, bitwise resume after kill -9, DDP (gloo, 2 processes) == one process, errors."""
 
-import copy
 import dataclasses
 import json
 import math
