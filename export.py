@@ -69,8 +69,7 @@ def save_pretrained(model, directory, chat=False):
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
         hf.save_pretrained(tmp)
         save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        move_into(tmp, directory)
 
 
 # -----------------------------------------------------------------------------
@@ -154,10 +153,26 @@ def save_hf_tokenizer(directory, model_max_length, chat=False):
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-tokenizer-") as tmp:
         tok.save_pretrained(tmp, save_jinja_files=False)  # tokenizer.json + tokenizer_config.json
         tok.backend_tokenizer.model.save(tmp)  # vocab.json + merges.txt, for tools that read GPT-2's two files
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        return move_into(tmp, directory)
+
+
+def move_into(tmp, directory):
+    """Move the files of tmp into directory with os.replace, each with the mode the user's umask gives a new file:
+    a writer may create its file 0600 (safetensors does, through a temporary file), and a shared or served export
+    must be as readable as every other file the user writes. Returns the names moved, sorted."""
+    mode = 0o666 & ~current_umask()
+    names = sorted(os.listdir(tmp))
+    for name in names:
+        os.chmod(os.path.join(tmp, name), mode)
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     return names
+
+
+def current_umask():
+    """The process's umask (reading it means setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # -----------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def read_log(path):
             lines = f.read().split("\n")
     except OSError as e:
         raise PlotError(f"{path}: cannot read the log ({e.strerror})") from None
+    except UnicodeDecodeError:  # a checkpoint, a plot: binary, which a log.txt never is
+        raise PlotError(f"{path}: not a log.txt: binary data, not text ({suggest_log(path)})") from None
     partial_last = lines.pop()  # "" when the file ends with a newline
     for lineno, line in enumerate(lines, start=1):
         parts = line.split()
@@ -57,6 +59,12 @@ def read_log(path):
     if not any(steps for steps, _ in series.values()):
         raise PlotError(f"{path}: no log lines (is this a train_gpt2.py log.txt?)")
     return series
+
+
+def suggest_log(path):
+    """What to pass instead of a file that is not a log: the log.txt next to it when there is one."""
+    beside = os.path.join(os.path.dirname(path), "log.txt")
+    return f"pass {beside}" if os.path.isfile(beside) else "pass a train_gpt2.py or chat_sft.py log.txt"
 
 
 def run_labels(logs, labels=None):
@@ -77,14 +85,9 @@ def run_labels(logs, labels=None):
 
 
 def loss_ylim(runs, reference):
-    """Y range that shows the interesting part: skip each run's first 5% of steps, where the loss falls from ~11."""
-    values = [reference]
-    for series in runs:
-        for kind in ("train", "val"):
-            steps, losses = series[kind]
-            if steps:
-                cut = steps[0] + 0.05 * (steps[-1] - steps[0])
-                values += [v for s, v in zip(steps, losses) if s >= cut] or losses
+    """Y range of every loss and the reference, with a margin: the top is the largest loss (step 0's ~10.8 for a
+    run from scratch), not cut off."""
+    values = [reference] + [v for series in runs for kind in ("train", "val") for v in series[kind][1]]
     lo, hi = min(values), max(values)
     pad = 0.05 * (hi - lo) + 1e-3
     return lo - pad, hi + pad

@@ -2,6 +2,8 @@
 what GPT-2's architecture cannot hold is refused before anything is written."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -47,3 +49,17 @@ def test_save_pretrained_refuses_variants(tmp_path, switches):
 def test_export_refuses_rmsnorm(tmp_path):
     with pytest.raises(ValueError, match="cannot export norm='rmsnorm'"):
         save_pretrained(GPT(GPTConfig(norm="rmsnorm", **TINY)), tmp_path / "x")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_have_the_umask_mode(tmp_path, ours, umask):
+    """model.safetensors was 0600 (its writer's temporary file) while the other files were 0644: every file now has
+    the mode the user's umask gives, as any file the user writes."""
+    old = os.umask(umask)
+    try:
+        save_pretrained(ours, tmp_path / "export")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "export").iterdir()}
+    assert "model.safetensors" in modes and "tokenizer.json" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes

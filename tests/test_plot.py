@@ -171,3 +171,22 @@ def test_options_spellings_alias_and_one_line_errors(two_logs, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "python plot.py log/log.txt -o log/plot.png" in out
     assert all(f"--{name}=" in out for name in ("output", "labels", "target")) and "LOGS" in out
+
+
+def test_a_checkpoint_is_not_a_log_one_line(tmp_path, capsys):
+    """plot.py run/model_00300.pt: a 15-line UnicodeDecodeError traceback before; one line now, naming the log.txt."""
+    write_log(tmp_path / "run" / "log.txt", val={0: 4.0})
+    checkpoint = tmp_path / "run" / "model_00300.pt"
+    checkpoint.write_bytes(b"PK\x03\x04\x80\x81\xff binary")
+    assert plot.main([str(checkpoint), "-o", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"plot.py: error: {checkpoint}: not a log.txt: binary data, not text "
+                                         f"(pass {tmp_path / 'run' / 'log.txt'})"]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_loss_axis_shows_step_0():
+    """A run from scratch starts near ln(50257) = 10.8: the y-axis stopped near 10.5 and cut it off."""
+    run = {"train": ([0, 1, 100], [10.81, 9.5, 3.3]), "val": ([0, 100], [10.74, 3.4]), "hella": ([], [])}
+    lo, hi = plot.loss_ylim([run], 3.2924)
+    assert 10.81 < hi < 11.2 and lo < 3.2924
