@@ -141,6 +141,22 @@ def iter_txt(path):
 READERS = {".jsonl": iter_jsonl, ".json": iter_json, ".parquet": iter_parquet, ".txt": iter_txt}
 
 
+def expand_inputs(paths):
+    """The input files: a directory given stands for its files of the types we read (INPUT_TYPES), sorted by name
+    (its other files and its subdirectories are left out), so that `--input DOCS` reads a folder of text files."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if os.path.splitext(name)[1].lower() in READERS and os.path.isfile(os.path.join(path, name)))
+        if not found:
+            raise DataError(f"{path}: a directory without {', '.join(INPUT_TYPES)} files")
+        files += found
+    return files
+
+
 def check_input_files(paths):
     """Cheap checks before anything else: every file exists and has a type we read."""
     for path in paths:
@@ -500,7 +516,8 @@ class FinewebConfig:
     dataset: str = option(DATASET, "hub dataset with a 'text' column, or a local dataset folder")
     input: list = option(None, f"local files instead of the hub, read in the order given ({', '.join(INPUT_TYPES)}): "
                                "a record with a 'text' field per line / array element / row, a whole .txt file per "
-                               "document", nargs="+", metavar="FILE", type=str)
+                               "document; a directory: its files of these kinds, sorted by name (not its "
+                               "subdirectories)", nargs="+", metavar="FILE|DIR", type=str)
     name: str = option(None, f"hub config (default: {NAME} for {DATASET}, none otherwise)")
     streaming: bool = option(False, "stream the hub dataset instead of downloading it first")
     output_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_DIR),
@@ -555,6 +572,7 @@ def layout_warnings(out_dir, shards, val_size, shard_size):
 def prepare(args):
     """The whole job for parsed arguments: check, continue or start, write."""
     if args.input:
+        args.input = expand_inputs(args.input)
         check_input_files(args.input)
     identity = run_identity(args.dataset, args.name, args.streaming, args.input, args.shard_size, args.val_size)
     done, complete = completed_shards(args.output_dir, identity)

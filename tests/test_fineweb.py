@@ -276,6 +276,8 @@ def bad_input_cases(tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_parquet)
     csv = tmp_path / "data.csv"
     csv.write_text("text\na\n")
+    (tmp_path / "no_text_dir").mkdir()
+    (tmp_path / "no_text_dir" / "tags").write_text("a tag file\n")
     return {
         "missing file": ([tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
         "missing text": ([good, no_text], 'no_text.jsonl:3: record has no "text" field'),
@@ -290,12 +292,14 @@ def bad_input_cases(tmp_path):
         "blank jsonl": ([blank], "no documents (empty dataset)"),
         "empty parquet": ([empty_parquet, empty], "no documents (empty dataset)"),
         "unsupported": ([csv], "data.csv: unsupported file type"),
+        "directory without text": ([tmp_path / "no_text_dir"], "no_text_dir: a directory without .jsonl, .json, "
+                                                                ".parquet, .txt files"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "missing text", "null text", "invalid json", "not an object",
                                   "no text column", "null row", "json array", "not utf-8", "empty jsonl",
-                                  "blank jsonl", "empty parquet", "unsupported"])
+                                  "blank jsonl", "empty parquet", "unsupported", "directory without text"])
 def test_bad_input_one_line_and_nothing_written(tmp_path, capsys, case):
     inputs, message = bad_input_cases(tmp_path)[case]
     out = tmp_path / "out"
@@ -554,3 +558,25 @@ def test_bench_tokenize_speed_runs_from_the_root():
     assert "identical from both ways" in r.stdout and "ratio fineweb.py / build-nanogpt: " in r.stdout
     r = bench("--rounds", "0")
     assert r.returncode == 2 and r.stderr.splitlines() == ["bench.tokenize_speed: error: --rounds=0: must be >= 1"]
+
+
+def test_a_directory_input_reads_its_text_files_sorted(tmp_path, capsys):
+    """--input DOCS (Vim's help directory was tried): 'DOCS: no such file' before; now its .txt/.jsonl/.json/.parquet
+    files in name order, its other files and subdirectories left out: the shards of those files given one by one."""
+    docs = tmp_path / "DOCS"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "b.txt").write_text("the second file, a whole document\n")
+    write_jsonl(docs / "a.jsonl", make_docs(10, seed=7))
+    (docs / "tags").write_text("not a kind fineweb.py reads\n")
+    (docs / "sub" / "c.txt").write_text("in a subdirectory: left out\n")
+    assert run(["--input", docs, "--output_dir", tmp_path / "from_dir", "--shard_size", 50, "--num_proc", 1]) == 0
+    files = [docs / "a.jsonl", docs / "b.txt"]
+    assert run(["--input", *files, "--output_dir", tmp_path / "from_files", "--shard_size", 50, "--num_proc", 1]) == 0
+    assert dir_bytes(tmp_path / "from_dir") == dir_bytes(tmp_path / "from_files")
+    assert "11 documents" in capsys.readouterr().out
+
+
+def test_help_says_a_directory_is_read(capsys):
+    assert run(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a directory: its files of these kinds, sorted by name" in text
