@@ -151,7 +151,10 @@ def newest_loadable(log_dir, existing, log):
 def locked_run_dir(log_dir):
     """Create log_dir and hold a lock on it while the block runs: a second run into it (every log line twice, the
     first run's checkpoints overwritten) is refused in one line naming the holder. The kernel's flock on the
-    directory itself, no lock file: released however its process ends (kill -9, a lost node), never stale."""
+    directory itself, no lock file: released however its process ends (kill -9, a lost node), never stale.
+    The directories it creates are removed again if they are still empty when the block ends (a run that failed
+    before writing anything: a missing data dir, no network), so that a run that never started leaves nothing."""
+    created = missing_dirs(log_dir)
     try:
         os.makedirs(log_dir, exist_ok=True)
         if not os.access(log_dir, os.W_OK):
@@ -168,6 +171,26 @@ def locked_run_dir(log_dir):
         yield
     finally:
         os.close(fd)  # releases the lock
+        remove_empty(created)
+
+
+def missing_dirs(path):
+    """The directories os.makedirs(path) would create, the deepest first."""
+    missing, path = [], os.path.normpath(path)
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        path = parent if parent != path else ""
+    return missing
+
+
+def remove_empty(dirs):
+    """Remove each of dirs (the deepest first) that is an empty directory; stop at the first that is not."""
+    for path in dirs:
+        try:
+            os.rmdir(path)  # refuses a directory that holds anything
+        except OSError:
+            return
 
 
 def lock_holder(fd):

@@ -57,8 +57,9 @@ class HellaSwagResult:
 # -----------------------------------------------------------------------------
 # data: download, parse, validate
 
-def download(url, path, chunk_size=1 << 20):
-    """Fetch url into path atomically (files.atomic_write): an interrupted download leaves no truncated file."""
+def download(url, path, chunk_size=1 << 20, data_option="--data FILE"):
+    """Fetch url into path atomically (files.atomic_write): an interrupted download leaves no truncated file.
+    data_option: the calling command's own option for a local copy, which a failed download tells the user to pass."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def write(f):
@@ -77,10 +78,10 @@ def download(url, path, chunk_size=1 << 20):
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, a cut, a bad URL
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download {url}: {reason}; "
-                             f"pass --data FILE with a local copy of {os.path.basename(path)}") from None
+                             f"pass {data_option} with a local copy of {os.path.basename(path)}") from None
 
 
-def fetch(url, cache_dir):
+def fetch(url, cache_dir, data_option="--data FILE"):
     """Path of the cached copy of url in cache_dir, downloaded first if missing. In a distributed run every rank must
     call this: rank 0 downloads while the others wait at a barrier (one download, not one per GPU). A rank that still
     finds no file after it (a node without the shared file system) downloads its own copy."""
@@ -89,7 +90,7 @@ def fetch(url, cache_dir):
     error = None
     if not os.path.exists(path) and (not distributed or dist.get_rank() == 0):
         try:
-            download(url, path)
+            download(url, path, data_option=data_option)
         except HellaSwagError as e:
             error = e  # reach the barrier anyway: the other ranks must not wait forever
     if distributed:
@@ -97,7 +98,7 @@ def fetch(url, cache_dir):
     if error is not None:
         raise error
     if not os.path.exists(path):
-        download(url, path)
+        download(url, path, data_option=data_option)
     return path
 
 
@@ -138,12 +139,13 @@ def parse_examples(path, limit=None):
     return examples
 
 
-def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL):
+def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL, data_option="--data FILE"):
     """HellaSwag examples (dicts with ctx, endings, label) from path, or, when path is None, from the validation split
     downloaded once into cache_dir (default: hellaswag/ next to this file). Collective in a distributed run when
-    path is None (see fetch). Raises HellaSwagError with a "file:line: problem" message for bad data."""
+    path is None (see fetch). Raises HellaSwagError with a "file:line: problem" message for bad data; a failed
+    download names data_option, the caller's option for a local copy (train_gpt2.py's is --hellaswag_data=FILE)."""
     if path is None:
-        path = fetch(url, cache_dir or CACHE_DIR)
+        path = fetch(url, cache_dir or CACHE_DIR, data_option)
     return parse_examples(path, limit=limit)
 
 

@@ -191,3 +191,27 @@ def peak_flops(device):
 def peak_flops_of(name):
     """The bf16 dense peak FLOP/s of a GPU by its name, or None for an unlisted one."""
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# progress: the step lines' total and time left
+
+def step_progress(step, max_steps, step_times):
+    """("STEP/MAX", "ETA 3m12s") for the line of train step `step` (0-based, just done) of max_steps: the time left
+    is the mean step time so far times the steps left (the first step left out once there are others: it carries
+    torch.compile's work and warm-up; evals and checkpoints are not counted)."""
+    steady = step_times[1:] or step_times
+    left = max_steps - step - 1
+    return f"{step:5d}/{max_steps}", f"ETA {format_duration(left * sum(steady) / len(steady))}"
+
+
+def format_duration(seconds):
+    """42s, 3m12s, 5h07m: two units at most, the larger first."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

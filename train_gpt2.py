@@ -35,7 +35,7 @@ from model import GPT, PADDED_VOCAB_SIZE
 from optim import configure_optimizers, get_lr, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, peak_flops, peak_memory_bytes,
-                     script_main, setup_precision)
+                     script_main, setup_precision, step_progress)
 
 SCRIPT = "train_gpt2.py"
 MAKE_SHARDS = "make them with `python fineweb.py`"
@@ -228,12 +228,11 @@ class TrainLoader:
 
 
 def open_data(cfg):
-    """(train stream, val stream or None, HellaSwag examples): everything a run reads, checked before it starts.
-    Every rank maps the shards; each reads only its own chunks."""
+    """(train stream, val stream or None, HellaSwag examples): everything a run reads, opened and checked before
+    anything is built (a typo in --data_dir costs an option error's time, not a model's); what depends on the
+    micro-batch, which --batch_size=auto resolves later, is check_data_fits'. Every rank maps the shards; each reads
+    only its own chunks. Collective in a distributed run when HellaSwag is downloaded (hellaswag.fetch)."""
     train_stream = TokenStream(cfg.data_dir, "train")
-    if train_stream.total < cfg.batch_size * cfg.block_size + 1:
-        raise ConfigError(f"data_dir {cfg.data_dir}: the train shards hold {train_stream.total} tokens, fewer than "
-                          f"one micro-batch needs ({cfg.batch_size} * {cfg.block_size} + 1)")
     val_stream = None
     if cfg.val_every:
         val_stream = TokenStream(cfg.data_dir, "val")
@@ -243,10 +242,18 @@ def open_data(cfg):
     examples = []
     if cfg.hellaswag_every:
         try:
-            examples = hellaswag.load_examples(cfg.hellaswag_data or None, limit=cfg.hellaswag_limit or None)
+            examples = hellaswag.load_examples(cfg.hellaswag_data or None, limit=cfg.hellaswag_limit or None,
+                                               data_option="--hellaswag_data=FILE")
         except hellaswag.HellaSwagError as e:
-            raise ConfigError(f"{e} (here: --hellaswag_data=FILE, or --hellaswag_every=0 to skip HellaSwag)") from None
+            raise ConfigError(f"{e} (or --hellaswag_every=0 to skip HellaSwag)") from None
     return train_stream, val_stream, examples
+
+
+def check_data_fits(cfg, train_stream):
+    """The train shards hold at least one micro-batch of the resolved batch_size."""
+    if train_stream.total < cfg.batch_size * cfg.block_size + 1:
+        raise ConfigError(f"data_dir {cfg.data_dir}: the train shards hold {train_stream.total} tokens, fewer than "
+                          f"one micro-batch needs ({cfg.batch_size} * {cfg.block_size} + 1)")
 
 
 # -----------------------------------------------------------------------------
@@ -324,14 +331,21 @@ class Setup:
     optimizer: torch.optim.Optimizer
 
 
-def setup(cfg, d, checkpoint=None, checkpoint_path=None, log=print):
-    """Everything a training step needs, for the ranks d: the device (the local rank's GPU) and its precision, the
-    model (the checkpoint's, with its optimizer state, on resume), the micro-batch, the optimizer, torch.compile and
-    the DDP wrapper. Raises ConfigError."""
+def start_ranks(cfg, d, checkpoint=None):
+    """The device of this rank (the local rank's GPU); under torchrun the process group joined and the ranks'
+    agreement on the step they resume checked. Cheap and silent: it comes before the data is read, whose download
+    (HellaSwag) is collective."""
     device = get_device(cfg.device, d)
-    if d.ddp:  # torchrun: join the process group; the ranks must resume the same step
+    if d.ddp:
         init_distributed(d, device)
         check_same_step(checkpoint["step"] if checkpoint else 0, device)
+    return device
+
+
+def setup(cfg, d, device, checkpoint=None, checkpoint_path=None, log=print):
+    """Everything a training step needs, for the ranks d on device: its precision, the model (the checkpoint's, with
+    its optimizer state, on resume), the micro-batch, the optimizer, torch.compile and the DDP wrapper. Raises
+    ConfigError."""
     autocast_dtype = setup_precision(device)
     # the weights the run starts from: the checkpoint's, GPT-2's (init_from), or None for a fresh init
     start = checkpoint or (pretrained_weights(cfg.init_from) if cfg.init_from != "scratch" else None)
@@ -376,13 +390,15 @@ def train(cfg, d):
 
     check_config(cfg, d.world_size)
     resume_path, checkpoint = find_checkpoint(cfg.log_dir, cfg.resume, log)
-    s = setup(cfg, d, checkpoint, resume_path, log)
-    cfg, device, raw_model = s.cfg, s.device, s.raw_model
+    device = start_ranks(cfg, d, checkpoint)  # before the early return below: every rank joins the step check
     start_step = checkpoint["step"] if checkpoint else 0
     if start_step >= cfg.max_steps:
         log(f"{resume_path} is at step {start_step}, max_steps is {cfg.max_steps}: nothing to do")
         return 0
-    train_stream, val_stream, examples = open_data(cfg)
+    train_stream, val_stream, examples = open_data(cfg)  # the data before the model: a bad path fails in a second
+    s = setup(cfg, d, device, checkpoint, resume_path, log)
+    cfg, raw_model = s.cfg, s.raw_model
+    check_data_fits(cfg, train_stream)
     loader = TrainLoader(train_stream, cfg.batch_size, cfg.block_size, d.rank, d.world_size, cfg.vocab_size, device)
     if checkpoint:
         resume(checkpoint, resume_path, loader, cfg, device, log)
@@ -431,8 +447,10 @@ def train(cfg, d):
             if not check_finite(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
                 return 1
             tokens_per_sec = cfg.total_batch_size / dt
-            log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
-                f"{tokens_per_sec:,.0f} tok/s | MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}")
+            progress, eta = step_progress(step, cfg.max_steps, step_times)
+            log(f"step {progress} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
+                f"{tokens_per_sec:,.0f} tok/s | MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}"
+                f" | {eta}")
             record(step, "train", loss, ".6f", lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec)
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
             if code := stop.stop_after(step, save, SCRIPT, device, d):

@@ -29,7 +29,7 @@ from options import ConfigError, help_text, option, parse_known
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "bench/train_step.py"
-STEP = re.compile(r"^step +(\d+) \| loss ([\d.]+) \|.* \| ([\d.]+) ms \| [\d,]+ tok/s \| MFU (\S+)$")
+STEP = re.compile(r"^step +(\d+)/\d+ \| loss ([\d.]+) \|.* \| ([\d.]+) ms \| [\d,]+ tok/s \| MFU (\S+) \| ETA \S+$")
 
 
 @dataclass

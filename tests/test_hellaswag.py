@@ -202,6 +202,10 @@ def test_failed_download(tmp_path):
         hellaswag.load_examples(cache_dir=str(tmp_path / "cache"), url=url)
     message = str(info.value)
     assert message.startswith(f"could not download {url}: ") and "--data FILE" in message and "\n" not in message
+    with pytest.raises(hellaswag.HellaSwagError) as info:  # the option of the command that asks (train_gpt2.py's)
+        hellaswag.load_examples(cache_dir=str(tmp_path / "cache"), url=url, data_option="--hellaswag_data=FILE")
+    assert "; pass --hellaswag_data=FILE with a local copy of hellaswag_val.jsonl" in str(info.value)
+    assert "--data FILE" not in str(info.value)
     assert os.listdir(tmp_path / "cache") == []
 
 
@@ -271,6 +275,15 @@ def test_cli_hf_dir_and_checkpoint(scored, tiny_hf_dir, model, tmp_path):
     proc = run_cli("--model", str(checkpoint), "--data", path, "--limit", str(limit), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == expected_line
+
+    # the train_gpt2.py run directory holding it (hellaswag.py --model cpu_log): its newest checkpoint, though its
+    # config.json is the run's (no model_type: it was read as a transformers directory's and refused)
+    (tmp_path / "config.json").write_text(json.dumps({"train_config": {"n_layer": 2}, "model_config": config}))
+    older = GPT(GPTConfig(**config))
+    torch.save({"model": older.state_dict(), "config": config, "step": 2}, tmp_path / "model_00002.pt")
+    proc = run_cli("--model", str(tmp_path), "--data", path, "--limit", str(limit), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(f"{tmp_path}: ") and proc.stdout.splitlines()[-1] == expected_line
 
 
 def cli_error(capsys, *args):

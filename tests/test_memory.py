@@ -299,7 +299,7 @@ def test_estimate_is_above_the_measured_peak():
     code = (f"import resource, sys, torch\nsys.path.insert(0, {ROOT!r})\nimport optim, runtime, train_gpt2\n"
             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
             f"cfg = train_gpt2.parse_config({options!r})\nbase = rss()\n"
-            "s = train_gpt2.setup(cfg, runtime.dist_from_env())\n"
+            "d = runtime.dist_from_env()\ns = train_gpt2.setup(cfg, d, train_gpt2.start_ranks(cfg, d))\n"
             "x = torch.randint(0, 50257, (s.grad_accum_steps, 4, 257))\n"
             "for _ in range(2):  # the first step allocates AdamW's moments, the second is a step as every other\n"
             "    optim.train_step(s.train_model, s.optimizer, [(b[:, :-1], b[:, 1:]) for b in x], lr=1e-4, "

@@ -5,10 +5,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ import torch
 from torch.testing import assert_close
 
 import checkpoints
+import hellaswag
+import runtime
 import train_gpt2
 from conftest import ROOT
 from model import GPT, GPTConfig
@@ -235,8 +241,61 @@ def test_cli_error_exit_code_and_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("train_gpt2.py: error: data_dir "), result.stderr
 
 
+def test_a_data_dir_typo_is_one_line_before_anything_is_built(tmp_path):
+    """--data_dir=cpu_shard (for cpu_shards), the default 124M model: it was sized and two unrelated lines printed
+    (micro-batch, decayed tensors) 7.2 s in, and an empty log_dir was left; now the data is checked first: nothing
+    printed but the error, and nothing created."""
+    typo, log_dir = tmp_path / "cpu_shard", tmp_path / "runs" / "log"
+    result = run_cli([f"--data_dir={typo}", f"--log_dir={log_dir}"])
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr == (f"train_gpt2.py: error: data_dir {typo}: no such directory (expected "
+                             "edufineweb_train_*.npy token shards; make them with `python fineweb.py`)\n")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_network_hellaswag_names_the_training_option_and_leaves_no_log_dir(data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Offline, the HellaSwag download fails: the message named hellaswag.py's --data FILE and corrected itself in
+    parentheses, after the model was built, and left an empty log_dir; now train_gpt2.py's own option only, before
+    anything is built. A log_dir that existed before the run stays."""
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(hellaswag, "CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "existing").mkdir()
+    for log_dir in (tmp_path / "log", tmp_path / "existing"):
+        assert main(tiny_args(data_dir, str(log_dir), vocab_size=50304, hellaswag_every=10, hellaswag_data="")) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            f"train_gpt2.py: error: could not download {hellaswag.VAL_URL}: [Errno -2] Name or service not known; "
+            "pass --hellaswag_data=FILE with a local copy of hellaswag_val.jsonl (or --hellaswag_every=0 to skip "
+            "HellaSwag)\n")
+    assert sorted(os.listdir(tmp_path)) == ["cache", "existing"]
+
+
 # -----------------------------------------------------------------------------
 # the training step and a whole run
+
+def test_step_lines_show_the_total_and_the_time_left(data_dir, tmp_path, capsys):
+    """`step   177 | loss ...` gave no total and no time left: now `step   177/400 | ... | ETA 3m12s`, from the
+    mean step time so far; log.txt keeps build-nanogpt's lines."""
+    log_dir = str(tmp_path / "log")
+    assert main(tiny_args(data_dir, log_dir, max_steps=3, val_every=0, checkpoint_every=0)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| loss " in line]
+    assert [line.split(" | ")[0] for line in lines] == ["step     0/3", "step     1/3", "step     2/3"]
+    assert all(re.search(r" \| MFU n/a \| ETA \d+s$", line) for line in lines) and lines[-1].endswith(" | ETA 0s")
+    assert [line.split()[:2] for line in read_log(log_dir).splitlines()] == [["0", "train"], ["1", "train"],
+                                                                            ["2", "train"]]
+
+
+def test_time_left_is_the_mean_step_time_so_far():
+    # 223 steps left at the mean of the steps after the first (its compile and warm-up left out): 223 s
+    assert runtime.step_progress(176, 400, [9.0, 1.0, 1.0]) == ("  176/400", "ETA 3m43s")
+    assert runtime.step_progress(0, 10, [2.0]) == ("    0/10", "ETA 18s")
+    assert [runtime.format_duration(s) for s in (0, 42.4, 192, 3600 * 5 + 7 * 60 + 20)] == ["0s", "42s", "3m12s",
+                                                                                          "5h07m"]
+
 
 def test_tiny_run_learns_logs_and_checkpoints(data_dir, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
@@ -383,7 +442,7 @@ def test_ddp_two_processes_equal_one_process_accumulating(data_dir, tmp_path, re
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) x 1 micro-steps" in result.stdout
-    assert result.stdout.count("step     9 | loss") == 1  # rank 0 alone prints
+    assert result.stdout.count("step     9/10 | loss") == 1  # rank 0 alone prints
     assert main(tiny_args(data_dir, single_dir, **common)) == 0
     ddp_log, single_log = read_log(ddp_dir), read_log(single_dir)
     for kind in ("train", "val"):
