@@ -56,7 +56,8 @@ from guards import check_finite, check_ranges, check_same_step
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from optim import adamw, get_lr, train_step
 from options import ConfigError, help_text, option, parse
-from runtime import StopSignal, autocast, dist_from_env, get_device, init_distributed, script_main, setup_precision
+from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, script_main, setup_precision,
+                     step_progress)
 from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, decode_stream, generate_reply,
                        get_chat_encoding, is_chat_model, render_conversation, render_prompt)
 
@@ -80,7 +81,8 @@ class SFTConfig:
     log_dir: str = option("log_sft", "log.txt, config.json and checkpoints model_NNNNN.pt")
     export_dir: str = option("", "at the end, write the model here as a transformers directory with the chat "
                                  "tokenizer and template (\"\": no export)")
-    block_size: int = option(1024, "the longest row: a conversation is cut after block_size + 1 tokens",
+    block_size: int = option(0, "the longest row: a conversation is cut after block_size + 1 tokens (0: the "
+                                "model's own block_size)",
                              section="batch: total_batch_size conversations per step = batch_size * processes * "
                                      "grad_accum_steps")
     batch_size: int = option(4, "conversations per micro-batch and process")
@@ -112,10 +114,9 @@ class SFTConfig:
 
 def check_config(cfg, world_size):
     """Raise ConfigError for a setting that can't work; return grad_accum_steps."""
-    check_ranges(cfg, positive=("block_size", "batch_size", "total_batch_size", "num_epochs", "max_lr",
-                                "sample_length"),
-                 non_negative=("max_steps", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "val_every",
-                               "sample_every", "checkpoint_every", "keep_checkpoints", "val_conversations"))
+    check_ranges(cfg, positive=("batch_size", "total_batch_size", "num_epochs", "max_lr", "sample_length"),
+                 non_negative=("block_size", "max_steps", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+                               "val_every", "sample_every", "checkpoint_every", "keep_checkpoints", "val_conversations"))
     if not 0 <= cfg.val_frac < 1:
         raise ConfigError(f"--val_frac must be in [0, 1), got {cfg.val_frac}")
     if not cfg.init_from or not cfg.data:
@@ -286,7 +287,7 @@ def load_rows(cfg, log):
         if not rows and not dropped:
             raise ConfigError(f"{label} {split}: no conversations with an assistant turn"
                               + (f" in lang {cfg.lang!r} (--lang=\"\": every language)" if cfg.lang else ""))
-        log(f"data: {label} {split}: {len(rows) + dropped:,} conversations, {cut:,} cut after block_size + 1 = "
+        log(f"data: {label} {split}: {n_conversations(len(rows) + dropped)}, {cut:,} cut after block_size + 1 = "
             f"{cfg.block_size + 1} tokens, {dropped:,} dropped (no assistant token inside)")
         return rows
 
@@ -458,6 +459,19 @@ def initial_model(init_from, log):
     return with_chat_rows(model, reset=not chat)
 
 
+def row_length(block_size, model_block_size):
+    """The --block_size in force: the model's own for 0; a longer one than the model has positions is refused."""
+    if block_size > model_block_size:
+        raise ConfigError(f"block_size {block_size} > the model's {model_block_size} positions: pass "
+                          f"--block_size={model_block_size} or less (or leave it out: the model's own)")
+    return block_size or model_block_size
+
+
+def n_conversations(n):
+    """'1 conversation', '1,234 conversations'."""
+    return f"{n:,} conversation{'s' * (n != 1)}"
+
+
 # -----------------------------------------------------------------------------
 # the run
 
@@ -481,7 +495,17 @@ def train(cfg, d):
         check_same_step(checkpoint["step"] if checkpoint else 0, device)
     autocast_dtype = setup_precision(device)
 
-    # the data, checked and tokenized before the model is loaded: a bad line costs seconds, not a model load
+    # the model before the data: its block_size is the rows' length (--block_size=0), and a bad --init_from or
+    # --block_size is one line before the data is read. The checkpoint's on resume, else init_from's with its chat rows
+    if checkpoint:
+        raw_model = model_from_checkpoint(checkpoint, resume_path)
+    else:
+        raw_model = initial_model(cfg.init_from, log)
+    cfg = dataclasses.replace(cfg, block_size=row_length(cfg.block_size, raw_model.config.block_size))
+    if cfg.export_dir and not raw_model.config.is_gpt2:  # found out now, not after the training
+        raise ConfigError(f"--export_dir: transformers' GPT-2 cannot run this model "
+                          f"({raw_model.config.non_gpt2_fields()})")
+
     t0 = time.perf_counter()
     train_rows, val_rows, val_source = load_rows(cfg, log)
     if cfg.val_conversations:
@@ -489,22 +513,11 @@ def train(cfg, d):
     if not train_rows:
         raise ConfigError(f"{cfg.data}: no conversation has an assistant token within block_size {cfg.block_size}")
     trained_tokens = sum(int(trained[1:].sum()) for _, trained in train_rows)
-    log(f"data: train {len(train_rows):,} conversations ({trained_tokens:,} assistant tokens), val "
-        f"{len(val_rows):,} conversations, {val_source} ({time.perf_counter() - t0:.1f} s)")
+    log(f"data: train {n_conversations(len(train_rows))} ({trained_tokens:,} assistant tokens), val "
+        f"{n_conversations(len(val_rows))}, {val_source} ({time.perf_counter() - t0:.1f} s)")
     max_steps = cfg.max_steps or max(1, cfg.num_epochs * len(train_rows) // cfg.total_batch_size)
     cfg = dataclasses.replace(cfg, max_steps=max_steps)  # what config.json and the checkpoints record
     loader = ConversationLoader(train_rows, cfg.batch_size, cfg.block_size, d.rank, d.world_size, cfg.seed, device)
-
-    # the model: the checkpoint's on resume, else init_from's with its chat rows
-    if checkpoint:
-        raw_model = model_from_checkpoint(checkpoint, resume_path)
-    else:
-        raw_model = initial_model(cfg.init_from, log)
-    if cfg.block_size > raw_model.config.block_size:
-        raise ConfigError(f"block_size {cfg.block_size} > the model's {raw_model.config.block_size} positions")
-    if cfg.export_dir and not raw_model.config.is_gpt2:  # found out now, not after the training
-        raise ConfigError(f"--export_dir: transformers' GPT-2 cannot run this model "
-                          f"({raw_model.config.non_gpt2_fields()})")
     raw_model.to(device)
     optimizer = adamw(raw_model, lr=cfg.max_lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       eps=cfg.eps, device_type=device.type, verbose=d.master)
@@ -587,8 +600,9 @@ def train(cfg, d):
             step_times.append(dt)
             if not check_finite(loss, grad_norm, step, cfg.log_dir, d.master, SCRIPT):
                 return 1
-            log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
-                f"{cfg.total_batch_size / dt:.1f} conversations/s")
+            progress, eta = step_progress(step, cfg.max_steps, step_times)
+            log(f"step {progress} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
+                f"{cfg.total_batch_size / dt:.1f} conversations/s | {eta}")
             if d.master:
                 append_log(log_path, step, "train", loss, ".6f")
             if code := stop.stop_after(step, save, SCRIPT, device, d):  # SIGINT / SIGTERM on any rank

@@ -501,7 +501,7 @@ def test_ddp_two_processes_equal_one_accumulating(base_ckpt, sums_jsonl, tmp_pat
                              SFT, *sft_args(base_ckpt, sums_jsonl, ddp_dir, **common)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "= 2 x 2 process(es) x 1 micro-steps" in result.stdout and result.stdout.count("step     7 | loss") == 1
+    assert "= 2 x 2 process(es) x 1 micro-steps" in result.stdout and result.stdout.count("step     7/8 | loss") == 1
     assert chat_sft.main(sft_args(base_ckpt, sums_jsonl, single_dir, **common)) == 0
     for kind, atol in (("train", 2e-6), ("val", 2e-4)):
         a, b = losses(read_log(ddp_dir), kind), losses(read_log(single_dir), kind)
@@ -640,3 +640,41 @@ def test_export_tokenizer_alone(tmp_path):
     assert tok.encode("plain text") == get_encoding().encode("plain text")
     with pytest.raises(Exception, match="unknown role"):
         tok.apply_chat_template([{"role": "bot", "content": "x"}], tokenize=False)
+
+
+def test_block_size_is_the_models_and_a_larger_one_is_refused_before_the_data(base_ckpt, sums_jsonl, tmp_path,
+                                                                              capsys):
+    """--init_from a model of 64 positions (README's laptop model) without --block_size: `block_size 1024 > the
+    model's 64 positions` after the data was read and reported; now its own 64, and a larger one given is refused
+    before the data is read, naming the value to pass, leaving no log_dir."""
+    log_dir = tmp_path / "log"
+    args = [a for a in sft_args(base_ckpt, sums_jsonl, str(log_dir), max_steps=1, val_every=0, checkpoint_every=0)
+            if not a.startswith("--block_size=")]
+    assert chat_sft.main(args) == 0
+    assert "cut after block_size + 1 = 65 tokens" in capsys.readouterr().out
+    assert json.loads((log_dir / "config.json").read_text())["train_config"]["block_size"] == 64
+    assert chat_sft.main(sft_args(base_ckpt, sums_jsonl, str(tmp_path / "log128"), block_size=128)) == 2
+    captured = capsys.readouterr()
+    assert "data:" not in captured.out and captured.err == (
+        "chat_sft.py: error: block_size 128 > the model's 64 positions: pass --block_size=64 or less (or leave it "
+        "out: the model's own)\n")
+    assert not (tmp_path / "log128").exists()
+
+
+def test_init_from_a_non_model_is_refused_before_the_data(sums_jsonl, tmp_path, capsys):
+    """--init_from=README.md: two data lines were printed before the refusal; now the model comes first."""
+    readme = os.path.join(ROOT, "README.md")
+    assert chat_sft.main(sft_args(readme, sums_jsonl, str(tmp_path / "log"))) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"chat_sft.py: error: {readme}: cannot load the checkpoint: it is not a train_gpt2.py checkpoint (or "
+        "chat_sft.py's) (not a file torch.save wrote)\n")
+    assert not (tmp_path / "log").exists()
+
+
+def test_one_val_conversation_is_singular(base_ckpt, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "six.jsonl", arithmetic_conversations(6))
+    assert chat_sft.main(sft_args(base_ckpt, data, str(tmp_path / "log"), val_frac=0.1, max_steps=1,
+                                  val_every=0)) == 0
+    out = capsys.readouterr().out
+    assert "data: train 5 conversations (" in out and ", val 1 conversation, 0.1 of the conversations held out" in out
