@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from checkpoints import load_model
 from files import JSONLinesError, atomic_write, jsonl_records
+from model import GPT2_VOCAB_SIZE
 from options import ConfigError, at_least, option, run
 from runtime import autocast, get_device
 
@@ -294,6 +295,9 @@ def score(cfg):
     device = get_device(cfg.device)
     examples = load_examples(cfg.data, limit=cfg.limit)
     model = load_model(cfg.model)[0].to(device).eval()
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:  # GPT-2's token ids would index past its embedding
+        raise ConfigError(f"{cfg.model}: vocab_size {model.config.vocab_size} < {GPT2_VOCAB_SIZE}: HellaSwag is "
+                          "scored with GPT-2's tokenizer, which needs every GPT-2 token id")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.set_float32_matmul_precision("high")  # the reference numbers were measured with TF32 matmuls
     print(f"{cfg.model}: {model.num_params():,} parameters, {len(examples)} examples, {device}, {dtype}")

@@ -318,6 +318,13 @@ def test_cli_errors(scored, tiny_hf_dir, tmp_path, capsys):
     del state["lm_head.weight"]
     torch.save({"model": state, "config": config}, wrong)
     assert "1 missing tensors (e.g. lm_head.weight)" in cli_error(capsys, "--model", str(wrong), "--data", path)
+    small, small_config = tmp_path / "small_vocab.pt", dict(n_layer=1, n_head=2, n_embd=8, block_size=16,
+                                                            vocab_size=256)
+    # train_gpt2.py --vocab_size=256: GPT-2's token ids would index past its embedding
+    torch.save({"model": GPT(GPTConfig(**small_config)).state_dict(), "config": small_config}, small)
+    assert cli_error(capsys, "--model", str(small), "--data", path) == (
+        f"hellaswag.py: error: {small}: vocab_size 256 < 50257: HellaSwag is scored with GPT-2's tokenizer, which "
+        "needs every GPT-2 token id")
     assert "--device gpu: " in cli_error(capsys, "--model", tiny_hf_dir, "--data", path, "--device", "gpu")
     if not torch.cuda.is_available():
         assert cli_error(capsys, "--model", tiny_hf_dir, "--data", path, "--device", "cuda").endswith(
