@@ -229,8 +229,8 @@ class TrainLoader:
 
 def open_data(cfg):
     """(train stream, val stream or None, HellaSwag examples): everything a run reads, opened and checked before
-    anything is built (a typo in --data_dir costs an option error's time, not a model's); what depends on the
-    micro-batch, which --batch_size=auto resolves later, is check_data_fits'. Every rank maps the shards; each reads
+    anything is built (a typo in --data_dir costs an option error's time, not a model's); the check that needs the
+    micro-batch, which --batch_size=auto resolves later, is check_data_fits. Every rank maps the shards; each reads
     only its own chunks. Collective in a distributed run when HellaSwag is downloaded (hellaswag.fetch)."""
     train_stream = TokenStream(cfg.data_dir, "train")
     val_stream = None
