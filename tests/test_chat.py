@@ -542,7 +542,7 @@ def test_default_dataset_from_the_hub_cache_and_offline(base_ckpt, tmp_path):
     cache_oasst1(env["HF_DATASETS_CACHE"], tmp_path)
     r = subprocess.run([sys.executable, SFT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "data: train 2 conversations" in r.stdout and "val 1 conversations, the 'validation' split" in r.stdout
+    assert "data: train 2 conversations" in r.stdout and "val 1 conversation, the 'validation' split" in r.stdout
 
 
 BAD_JSONL = {

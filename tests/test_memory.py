@@ -89,7 +89,10 @@ def test_not_even_one_sequence_is_one_line_before_the_model_is_built(tmp_path, m
     set_budget(monkeypatch, 10**9)
     built = []
     monkeypatch.setattr(train_gpt2, "GPT", lambda *a: built.append(a))
-    assert main([f"--data_dir={tmp_path}", f"--log_dir={tmp_path / 'log'}"]) == 2  # GPT-2 small: the defaults
+    # GPT-2 small, the defaults; shards that exist, as the data is checked before the micro-batch (val and HellaSwag
+    # off: neither the default's 10M val tokens nor a download are needed to size the model)
+    data = write_shards(tmp_path / "data")
+    assert main([f"--data_dir={data}", f"--log_dir={tmp_path / 'log'}", "--val_every=0", "--hellaswag_every=0"]) == 2
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304)
     assert capsys.readouterr().err == (
         f"train_gpt2.py: error: --batch_size=auto: even one sequence of 1024 tokens would need "
