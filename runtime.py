@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from options import ConfigError
 
@@ -48,6 +49,15 @@ def init_distributed(d, device):
         dist.init_process_group(backend="gloo")
 
 
+def wrap_ddp(model, d, device):
+    """model in DistributedDataParallel. gradient_as_bucket_view: the gradients are views of the all-reduce buckets,
+    no second copy of them and no copy in and out at every step. broadcast_buffers=False: the only buffers are the
+    rotary tables, computed identically on every rank, which DDP would otherwise broadcast from rank 0 (a blocking
+    collective) before every forward."""
+    return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               broadcast_buffers=False)
+
+
 class StopSignal:
     """SIGINT (Ctrl-C) and SIGTERM (kill, preemption, a scheduler's time limit) inside the `with` block set a flag the
     loop reads after each step, to save and exit; a second Ctrl-C raises KeyboardInterrupt at once. Not a second
@@ -77,13 +87,18 @@ class StopSignal:
         """After optimizer step `step` (0-based): if a stop was asked for on any rank, save the state of step + 1 steps
         done (save(step) returns the checkpoint's path), say so in one line and return the exit code, 128 + the
         signal's number (the shell's code for "ended by this signal"); else 0. Collective, as agreed()."""
-        signum = self.agreed(device, d.ddp)
-        if signum:
-            path = save(step + 1)
-            if d.master:
-                print(f"{script}: stopped at step {step + 1} ({signal.Signals(signum).name}); saved {path}; run the "
-                      "same command to continue", file=sys.stderr, flush=True)
-        return 128 + signum if signum else 0
+        return self.stop_at(step + 1, save, script, self.agreed(device, d.ddp), d)
+
+    def stop_at(self, steps_done, save, script, signum, d):
+        """With signum (agreed()'s) set: save the state of steps_done steps, say so in one line and return the exit
+        code, 128 + signum; with signum 0, return 0. The evals' stop uses it too: they stop at steps_done, unsaved."""
+        if not signum:
+            return 0
+        path = save(steps_done)
+        if d.master:
+            print(f"{script}: stopped at step {steps_done} ({signal.Signals(signum).name}); saved {path}; run the "
+                  "same command to continue", file=sys.stderr, flush=True)
+        return 128 + signum
 
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
