@@ -162,11 +162,13 @@ def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", 
     return min_lr + coeff * (max_lr - min_lr)
 
 
-def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp):
+def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None):
     """One optimizer step over the micro-batches [(x, y), ...] (each (B, T) on the model's device), model wrapped in
     DistributedDataParallel when ddp. Returns (loss, grad_norm), 0-dim device tensors: the mean loss over all
     micro-batches of all ranks, and the gradient norm before clipping (grad_clip 0: none). Nothing here waits for
-    the device: call .item() when you need the numbers."""
+    the device: call .item() when you need the numbers. also_reduce (ddp only): a 1-D float tensor on the device,
+    replaced by its sum over the ranks in the same all-reduce as the loss (the stop flags: no collective of their
+    own)."""
     optimizer.zero_grad(set_to_none=True)
     grad_accum_steps = len(batches)
     loss_accum = torch.zeros((), device=batches[0][0].device)
@@ -186,8 +188,11 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
             loss.backward()
     if ddp:
         # DDP averaged the gradients over ranks; average the logged loss too (SUM / N: gloo has no AVG)
-        dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-        loss_accum /= dist.get_world_size()
+        packed = loss_accum.view(1) if also_reduce is None else torch.cat([loss_accum.view(1), also_reduce])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        loss_accum = packed[0] / dist.get_world_size()
+        if also_reduce is not None:
+            also_reduce.copy_(packed[1:])
     # With max_norm=inf the clip coefficient clamps to 1: the gradients stay as they are, the norm is still measured.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:

@@ -100,6 +100,20 @@ class StopSignal:
                   "same command to continue", file=sys.stderr, flush=True)
         return 128 + signum
 
+    def flags(self, device):
+        """[SIGINT received, SIGTERM received] on device, to be summed over the ranks (train_step's also_reduce).
+        Filled by kernels, not copied from the host: a pageable host-to-device copy would wait for the device."""
+        flags = torch.zeros(len(self.SIGNALS), device=device)
+        if self.signum:
+            flags[self.SIGNALS.index(self.signum)].fill_(1.0)
+        return flags
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The signal number of flags summed over the ranks (SIGTERM over SIGINT, as agreed()'s MAX), or 0."""
+        received = [signum for signum, n in zip(cls.SIGNALS, flags.tolist()) if n > 0]
+        return max(received, default=0)
+
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
         the same step. Collective in a distributed run (every rank calls it after every step)."""

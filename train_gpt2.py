@@ -211,19 +211,32 @@ class TrainLoader:
         self.vocab_size, self.device = vocab_size, device
         self.position = 0  # stream position of the first chunk of the next group of W micro-batches
 
+        self.prefetched = []  # a step's micro-batches read ahead (prefetch), which position already counts
+
     def next_batch(self):
         start = self.position + self.rank * self.B * self.T
         self.position += self.B * self.T * self.world_size
         return make_batch(self.stream, start, self.B, self.T, self.vocab_size, self.device)
 
+    def prefetch(self, n):
+        """Read the next step's n micro-batches now (while the device still runs this step): step_batches(n)
+        returns them. A checkpoint taken meanwhile still holds the position before them."""
+        self.prefetched = [self.next_batch() for _ in range(n)]
+
+    def step_batches(self, n):
+        """A step's n micro-batches: the prefetched ones, or read now."""
+        batches, self.prefetched = self.prefetched or [self.next_batch() for _ in range(n)], []
+        return batches
+
     def state_dict(self):
-        return {"position": self.position, "stream_tokens": self.stream.total}
+        position = self.position - len(self.prefetched) * self.B * self.T * self.world_size
+        return {"position": position, "stream_tokens": self.stream.total}
 
     def load_state_dict(self, state):
         if state["stream_tokens"] != self.stream.total:
             raise ConfigError(f"the train shards hold {self.stream.total} tokens but the checkpoint was trained on "
                               f"{state['stream_tokens']}: the data changed, an exact resume is impossible")
-        self.position = state["position"]
+        self.position, self.prefetched = state["position"], []
 
 
 def open_data(cfg):
@@ -448,11 +461,16 @@ def train(cfg, d):
                 break
             # --- one optimizer step
             t0 = time.perf_counter()
-            batches = [loader.next_batch() for _ in range(s.grad_accum_steps)]
+            batches = loader.step_batches(s.grad_accum_steps)
             lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                         max_steps=cfg.max_steps, schedule=cfg.schedule, warmdown_frac=cfg.warmdown_frac)
+            # under DDP the stop request rides on the loss's all-reduce: no collective of its own each step
+            flags = stop.flags(device) if d.ddp else None
             loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                         device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp)
+                                         device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp,
+                                         also_reduce=flags)
+            if step + 1 < cfg.max_steps:  # the host reads and copies the next step's input while the device works
+                loader.prefetch(s.grad_accum_steps)
             loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -463,7 +481,8 @@ def train(cfg, d):
                 f"{tokens_per_sec:,.0f} tok/s | MFU {format_mfu(flops_per_token, tokens_per_sec, peak, d.world_size)}")
             record(step, "train", loss, ".6f", lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec)
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
-            if code := stop.stop_after(step, save, SCRIPT, device, d):
+            signum = StopSignal.from_flags(flags) if d.ddp else stop.signum  # the same on every rank
+            if code := stop.stop_at(step + 1, save, SCRIPT, signum, d):
                 return code
     log(speed_summary(step_times, cfg.total_batch_size, flops_per_token, peak, d.world_size, device))
     if wandb:

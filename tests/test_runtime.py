@@ -42,3 +42,17 @@ def test_stop_signal_first_requests_second_ctrl_c_interrupts(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             stop.handle(signal.SIGINT, None)  # a person pressing Ctrl-C again
     assert signal.getsignal(signal.SIGTERM) is not stop.handle  # the previous handlers are back
+
+
+def test_stop_flags_summed_over_ranks():
+    """Under DDP the stop request rides on the loss's all-reduce as [SIGINT, SIGTERM] counts: their sum over ranks
+    gives every rank the same signal, SIGTERM over SIGINT as agreed()'s MAX."""
+    import signal
+
+    cpu, stops = torch.device("cpu"), [runtime.StopSignal() for _ in range(3)]
+    stops[1].signum, stops[2].signum = signal.SIGINT, signal.SIGTERM
+    flags = [stop.flags(cpu) for stop in stops]
+    assert [f.tolist() for f in flags] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    assert runtime.StopSignal.from_flags(flags[0]) == 0
+    assert runtime.StopSignal.from_flags(flags[0] + flags[1]) == signal.SIGINT
+    assert runtime.StopSignal.from_flags(sum(flags)) == signal.SIGTERM
