@@ -258,7 +258,7 @@ def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, d
         reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         with torch.device(device):
             model = GPT(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, **({"fused": True} if device.type == "cuda" else {}))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda" or None)
         idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # no RNG drawn
         for _ in range(2):
             with autocast(device.type, autocast_dtype):

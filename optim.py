@@ -11,6 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from options import ConfigError
 from runtime import autocast
 
 
@@ -30,12 +31,27 @@ def configure_optimizers(model, cfg, device_type, verbose=False):
     return adamw(model, lr=cfg.max_lr, **kw)
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "mps")  # one kernel for all parameters instead of a loop of small ones per tensor
+MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon
+
+
+def check_muon(device_type):
+    """ConfigError where torch.optim.Muon cannot run: a torch before 2.9, or mps before macOS 14 (its Newton-Schulz
+    iterations run in bf16, which Metal supports from macOS 14 on)."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer=muon (--recipe=fast) needs torch>={MUON_TORCH} (torch.optim.Muon); this is "
+                          f"torch {torch.__version__}: pip install 'torch>={MUON_TORCH}', or --optimizer=adamw")
+    if device_type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise ConfigError("--optimizer=muon on mps needs macOS 14 or later (bf16 on Metal); use --optimizer=adamw "
+                          "or --device=cpu here")
+
+
 def adamw(model, *, lr, weight_decay, betas, eps, device_type, verbose=False):
     """GPT-2's AdamW: weight decay on the matrices and embeddings (2-D+) only; biases and norm gains undecayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    fused = device_type == "cuda"  # one kernel for all parameters instead of a loop of small ones per tensor
+    fused = device_type in FUSED_ADAMW_DEVICES
     if verbose:
         print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), undecayed tensors: "
               f"{len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters), fused AdamW: {fused}")
@@ -85,11 +101,12 @@ def muon_adamw(model, *, lr, embedding_lr, head_lr, scalar_lr, weight_decay, bet
     # per step for the same weight_decay: modded-nanogpt and nanochat use 0.
     # Nesterov momentum, Keller Jordan's quintic Newton-Schulz (5 steps) and his lr adjustment
     # (lr * sqrt(max(1, fan_out / fan_in)): the same update RMS for tall matrices) are torch's defaults.
+    check_muon(device_type)
     muon = torch.optim.Muon([group(matrices, lr, weight_decay=weight_decay)], momentum=momentum,
                             nesterov=True)
     adam_groups = [group(ps, group_lr, weight_decay=0.0) for ps, group_lr in
                    ((heads, head_lr), (embeddings, embedding_lr), (scalars, scalar_lr)) if ps]  # no empty groups
-    fused = device_type == "cuda"
+    fused = device_type in FUSED_ADAMW_DEVICES
     adam = torch.optim.AdamW(adam_groups, betas=betas, eps=eps, **({"fused": True} if fused else {}))
     if verbose:
         print(f"Muon: {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters), lr {lr:g}, "

@@ -56,3 +56,16 @@ def test_stop_flags_summed_over_ranks():
     assert runtime.StopSignal.from_flags(flags[0]) == 0
     assert runtime.StopSignal.from_flags(flags[0] + flags[1]) == signal.SIGINT
     assert runtime.StopSignal.from_flags(sum(flags)) == signal.SIGTERM
+
+
+def test_ddp_wrapper_options(tmp_path):
+    """wrap_ddp: the gradients are views of DDP's buckets (no second copy) and no buffers are broadcast (the rotary
+    tables are the same on every rank); DDP's equality with accumulation is test_train's gloo test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = runtime.wrap_ddp(torch.nn.Linear(2, 2), runtime.Dist(True, 0, 0, 1), torch.device("cpu"))
+        assert model.gradient_as_bucket_view and not model.broadcast_buffers
+    finally:
+        dist.destroy_process_group()
