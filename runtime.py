@@ -3,6 +3,7 @@
     python -c "import runtime; print(runtime.get_device('auto'), runtime.peak_flops('cpu'))"
 """
 
+import inspect
 import os
 import resource
 import signal
@@ -51,11 +52,13 @@ def init_distributed(d, device):
 
 def wrap_ddp(model, d, device):
     """model in DistributedDataParallel. gradient_as_bucket_view: the gradients are views of the all-reduce buckets,
-    no second copy of them and no copy in and out at every step. broadcast_buffers=False: the only buffers are the
-    rotary tables, computed identically on every rank, which DDP would otherwise broadcast from rank 0 (a blocking
-    collective) before every forward."""
+    no second copy of them and no copy in and out at every step. No buffer sync before each forward: the only buffers
+    are the rotary tables, computed identically on every rank, which DDP would otherwise broadcast from rank 0 (a
+    blocking collective) before every forward (forward_sync_buffers=False; broadcast_buffers=False on older torch)."""
+    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
     return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               broadcast_buffers=False)
+               **no_buffer_sync)
 
 
 class StopSignal:
@@ -196,11 +199,18 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None)
 
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name;
-# the first match wins, so the more specific names come first.
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name (any
+# case); the first match wins, so the more specific names come first ("H200 NVL" before "H200"). GeForce cards run
+# bf16 with fp32 accumulation (what PyTorch's matmuls use) at half their fp16-accumulate rate: the figures are those.
+# The Ada and Ampere whitepapers give the 4090 (165.2), 4080 (97.5), 4080 12GB = 4070 Ti (80.2), 3090 (71) and 3080
+# (59.5); the other GeForce cards are the same tensor cores, scaled by NVIDIA's tensor-core counts and boost clocks.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
-                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-                   ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))  # "H100": SXM
+                   ("H200 NVL", 835e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+                   ("RTX 4090", 165e12), ("RTX 4080 SUPER", 104.5e12), ("RTX 4080", 97.5e12),
+                   ("RTX 4070 Ti SUPER", 88.2e12), ("RTX 4070 Ti", 80.2e12), ("RTX 4070 SUPER", 71.0e12),
+                   ("RTX 4070", 58.3e12), ("RTX 3090 Ti", 79.8e12), ("RTX 3090", 71e12), ("RTX 3080 Ti", 68.0e12),
+                   ("RTX 3080", 59.5e12))  # "H100": SXM
 
 
 def peak_memory_bytes(device):
@@ -218,5 +228,9 @@ def peak_flops(device):
 
 
 def peak_flops_of(name):
-    """The bf16 dense peak FLOP/s of a GPU by its name, or None for an unlisted one."""
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    """The bf16 dense peak FLOP/s of a GPU by its name, or None for an unlisted one (a laptop GPU too: the same name
+    as a desktop card's, at far lower clocks and power)."""
+    name = name.lower()
+    if "laptop" in name:
+        return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in name), None)
