@@ -210,7 +210,6 @@ class TrainLoader:
         self.stream, self.B, self.T, self.rank, self.world_size = stream, B, T, rank, world_size
         self.vocab_size, self.device = vocab_size, device
         self.position = 0  # stream position of the first chunk of the next group of W micro-batches
-
         self.prefetched = []  # a step's micro-batches read ahead (prefetch), which position already counts
 
     def next_batch(self):
@@ -317,6 +316,7 @@ def run_evals(s, d, step, due_now, val_stream, examples, enc, log, record, stopp
 
 
 def evals_until_stopped(s, d, step, due_now, val_stream, examples, enc, log, record, stopping):
+    """run_evals' evals, in eval mode; returns at the first stopping() that says stop."""
     cfg, device, gpt2, gpt3 = s.cfg, s.device, REFERENCES["gpt2"], REFERENCES["gpt3"]
     t0 = time.perf_counter()
     if due_now["val"]:
