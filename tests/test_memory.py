@@ -365,6 +365,43 @@ def test_estimate_is_above_the_measured_peak():
     assert measured < estimate < 2 * measured, (measured, estimate)
 
 
+STEP_PEAK = """import sys, torch
+sys.path.insert(0, {root!r})
+import optim
+from model import GPT, GPTConfig
+if {keep!r}:  # the old forward: the logits come back with the loss, and `_, loss = model(x, y)` holds them
+    forward = GPT.forward
+    GPT.forward = lambda self, idx, targets=None, **kw: forward(self, idx, targets, return_logits=True, **kw)
+torch.manual_seed(0)
+model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=256, vocab_size=50304))
+opt = optim.adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+x = torch.randint(0, 50257, (4, 4, 257))
+step = lambda: optim.train_step(model, opt, [(b[:, :-1], b[:, 1:]) for b in x], lr=1e-4, grad_clip=1.0,
+                                device_type="cpu", autocast_dtype=None, ddp=False)
+step()  # the weights' gradients and AdamW's moments allocated
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) starts again from the current RSS
+step()
+print(hwm() - rss)
+"""
+
+
+def test_a_step_keeps_no_logits_of_a_previous_micro_step():
+    """The peak RSS a step adds on CPU, where the logits dominate (4 x 256 x 50304 fp32, 197 MiB a micro-step): a
+    forward that returned them with the loss kept micro-step k's through micro-step k+1's forward; now none is."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    peaks = {}
+    for keep in (True, False):
+        p = subprocess.run([sys.executable, "-c", STEP_PEAK.format(root=ROOT, keep=keep)], capture_output=True,
+                           text=True, timeout=300, env=SUBPROCESS_ENV)
+        assert p.returncode == 0, p.stderr
+        peaks[keep] = int(p.stdout.split()[-1])
+    logits = 4 * 256 * 50304 * 4
+    assert peaks[True] - peaks[False] > 0.7 * logits, peaks
+
+
 def test_ranks_take_the_smallest_choice(data_dir, tmp_path):
     """torchrun, 2 processes on one machine: each has half the memory, and rank 1 less than rank 0 (8 fits there, 4
     on rank 1); both train with rank 1's micro-batch."""
