@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (append_log, compare_configs, find_checkpoint, load_model, load_optimizer_state,
                          locked_run_dir, model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
@@ -57,7 +56,7 @@ from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from optim import adamw, get_lr, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, script_main, setup_precision,
-                     step_progress)
+                     step_progress, wrap_ddp)
 from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, decode_stream, generate_reply,
                        get_chat_encoding, is_chat_model, render_conversation, render_prompt)
 
@@ -532,7 +531,7 @@ def train(cfg, d):
         del checkpoint
     use_compile = cfg.compile and device.type != "mps"
     model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.ddp else model
+    train_model = wrap_ddp(model, d, device) if d.ddp else model  # train_gpt2's options: no gradient copies
 
     def export():
         if cfg.export_dir and d.master:
@@ -584,6 +583,9 @@ def train(cfg, d):
                     reply = sample_reply(raw_model, cfg.sample_prompt, cfg.sample_length, device, autocast_dtype)
                     log(f"step {step:5d} | sample: {cfg.sample_prompt!r} -> {reply!r}")
                 raw_model.train()
+                # a stop asked for during the evals: saved now, not after another step (schedulers kill 30 s on)
+                if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d):
+                    return code
             if step > start_step and (last or cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                 save(step)
             if last:

@@ -171,17 +171,16 @@ def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
     kept = start.get("train_config", {}).get("batch_size") if start else None
     first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
     if device.type == "cuda":
-        # the run also holds AdamW's two moments (allocated by its first step) and, under DDP, buckets as large as the
-        # gradients; 5% of the GPU is headroom for the allocator's fragmentation and the evals' other shapes
-        reserve = (8 + 4 * d.ddp) * n_params + torch.cuda.get_device_properties(device).total_memory // 20
+        # the trial is a whole step (AdamW's moments included); DDP's gradients are views of its buckets
+        # (gradient_as_bucket_view): 5% of the GPU is headroom for the allocator's fragmentation and the evals' shapes
+        reserve = torch.cuda.get_device_properties(device).total_memory // 20
 
         def fits(b):
             return fits_on_gpu(config, b, T, reserve, autocast_dtype, device)
 
         def why_not(b):
             return f"{b} ran out of GPU memory in a trial step"
-        too_large = (f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved for the "
-                     "optimizer's state)")
+        too_large = f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved as headroom)"
     else:
         budget, where = memory_budget(device, extra=sum(tensor_storages(start).values()) if start else 0)
 
@@ -234,25 +233,46 @@ def largest_fitting(candidates, fits, first=None):
     return None, rejected
 
 
+# what CUDA and its libraries say when memory runs out outside the caching allocator (which raises OutOfMemoryError):
+# cuBLAS handles and workspaces, lazily loaded kernels, cuDNN / attention workspaces near a full card
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "cudaErrorMemoryAllocation")
+
+
+def is_out_of_memory(error):
+    """Whether an exception from a trial step means the GPU's memory ran out: OutOfMemoryError, or a RuntimeError
+    (torch.AcceleratorError is one) whose message says so. Any other error is a bug, and propagates."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m.lower() in str(error).lower() for m in OUT_OF_MEMORY_MESSAGES)
+
+
 def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, device):
     """Whether training a GPT of config on micro-batches of batch_size sequences fits in the GPU's memory next to
-    reserve_bytes more (what the run holds besides: AdamW's moments, allocated by the first step; DDP's buckets;
-    headroom): one forward and backward of an eager model (torch.compile's needs no more) on token 0 under the run's
-    autocast, with reserve_bytes held meanwhile. Everything it allocates is freed again."""
-    reserve = model = idx = logits = loss = None
+    reserve_bytes more (headroom): what a step is, on an eager model (torch.compile's needs no more) under the run's
+    autocast, with reserve_bytes held meanwhile. Two micro-steps, so that the second runs its forward with the first's
+    gradients held, then an AdamW step, which allocates the two moments (8 bytes a parameter; Muon's momentum is
+    less). Token 0 everywhere; everything it allocates is freed again."""
+    reserve = model = optimizer = idx = loss = None
     try:
         reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         with torch.device(device):
             model = GPT(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda" or None)
         idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # no RNG drawn
-        with autocast(device.type, autocast_dtype):
-            logits, loss = model(idx, idx)  # held through backward, as train_step holds them
-        loss.backward()
+        for _ in range(2):
+            with autocast(device.type, autocast_dtype):
+                _, loss = model(idx, idx)
+            loss.backward()
+            loss = None  # as train_step: nothing of a micro-step but its gradients outlives its backward
+        optimizer.step()
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
         return False
     finally:
-        del reserve, model, idx, logits, loss  # what the attempt held (a failed one's graph left with the exception)
+        del reserve, model, optimizer, idx, loss  # what the attempt held (a failed one's graph left with the exception)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next, smaller try starts from a clean cache
             torch.cuda.reset_peak_memory_stats(device)  # the run's peak is reported, not the trial's

@@ -216,6 +216,21 @@ def render_rows(examples, enc, block_size, n_rows, pad_multiple):
     return tokens, cols, targets, lengths, order
 
 
+_rendered = {}  # render_rows' arrays for the examples list last scored: {"examples": list, "key": ..., "rows": ...}
+
+
+def rendered_rows(examples, share, enc, block_size, n_rows, pad_multiple, ranks):
+    """render_rows(share, ...), computed once for the same examples list (the same object: a training run scores
+    the one it loaded at every eval, 10,042 examples tokenized once) and the same shapes. The arrays are only
+    read (each eval copies them to the device). A list changed in place after its first eval is not seen: pass a
+    new list."""
+    key = (block_size, n_rows, pad_multiple, ranks)
+    if _rendered.get("examples") is not examples or _rendered.get("key") != key:
+        rows = render_rows(share, enc, block_size, n_rows, pad_multiple)
+        _rendered.update(examples=examples, key=key, rows=rows)  # holds the list: its id cannot be reused meanwhile
+    return _rendered["rows"]
+
+
 def _block_size(model):
     """model.config.block_size through the DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
     while not hasattr(model, "config"):
@@ -241,7 +256,8 @@ def evaluate(model, examples, *, device, batch_size=16, autocast_dtype=None, ran
     per_rank = NUM_ENDINGS * math.ceil(len(examples) / world_size)  # rows of the largest share
     batch_rows = min(NUM_ENDINGS * batch_size, per_rank)  # a fixed batch dimension, no larger than needed
     n_batches = math.ceil(per_rank / batch_rows)  # the same on every rank: a rank out of rows runs dummy rows
-    tokens, cols, targets, lengths, order = render_rows(share, enc, block_size, n_batches * batch_rows, pad_multiple)
+    tokens, cols, targets, lengths, order = rendered_rows(examples, share, enc, block_size, n_batches * batch_rows,
+                                                          pad_multiple, (rank, world_size))
     n_scored = (targets >= 0).sum(axis=1)  # (rows,) ending tokens scored per row
     # Everything goes to the device once, and a batch is a slice of it: the loop below neither copies from the host
     # nor waits for the device (no .item(), no boolean indexing), so the GPU runs the forward passes back to back.

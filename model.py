@@ -249,10 +249,13 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
-    def forward(self, idx, targets=None, positions=None, kv_cache=None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy against targets (B, T), or None).
-        positions (B, E): the logits of those positions only (an eval that scores a few skips most of the lm_head,
-        a third of the FLOPs). kv_cache (generate's): one KVCache per layer, which idx continues."""
+    def forward(self, idx, targets=None, positions=None, kv_cache=None, return_logits=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size) or None, mean cross-entropy against targets (B, T), or
+        None). With targets the logits are None unless return_logits: a caller that keeps the returned pair (as
+        `_, loss = model(x, y)` does until its next call) would otherwise hold a (B, T, V) tensor, 6.6 GB in bf16
+        at B=64, T=1024, through the next forward. positions (B, E): the logits of those positions only (an eval
+        that scores a few skips most of the lm_head, a third of the FLOPs). kv_cache (generate's): one KVCache per
+        layer, which idx continues."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache[0].pos  # position of idx[:, 0]
         if start + T > self.config.block_size:
@@ -270,13 +273,18 @@ class GPT(nn.Module):
         if positions is not None:
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
         logits = self.lm_head(x)  # (B, T or E, vocab_size)
+        dtype = logits.dtype  # what autocast computes in: the dtype of the logits returned, capped or not
         if self.config.logit_softcap:  # squashed smoothly into (-cap, cap): no logit runs away (Gemma 2)
+            # in fp32: tanh's backward is 1 - y^2 of its own output, which bf16 rounds to 0 once |y| is near 1
+            # (nanochat and modded-nanogpt cap logits.float() too); inside forward, so torch.compile fuses it
             cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+            logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if targets is not None:  # the mean over the tokens whose target is not -1 (padding, masked positions)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            if not return_logits:
+                return None, loss
+        return logits.to(dtype), loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from options import ConfigError
 from runtime import autocast
 
 
@@ -30,12 +31,27 @@ def configure_optimizers(model, cfg, device_type, verbose=False):
     return adamw(model, lr=cfg.max_lr, **kw)
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "mps")  # one kernel for all parameters instead of a loop of small ones per tensor
+MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon
+
+
+def check_muon(device_type):
+    """ConfigError where torch.optim.Muon cannot run: a torch before 2.9, or mps before macOS 14 (its Newton-Schulz
+    iterations run in bf16, which Metal supports from macOS 14 on)."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer=muon (--recipe=fast) needs torch>={MUON_TORCH} (torch.optim.Muon); this is "
+                          f"torch {torch.__version__}: pip install 'torch>={MUON_TORCH}', or --optimizer=adamw")
+    if device_type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise ConfigError("--optimizer=muon on mps needs macOS 14 or later (bf16 on Metal); use --optimizer=adamw "
+                          "or --device=cpu here")
+
+
 def adamw(model, *, lr, weight_decay, betas, eps, device_type, verbose=False):
     """GPT-2's AdamW: weight decay on the matrices and embeddings (2-D+) only; biases and norm gains undecayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    fused = device_type == "cuda"  # one kernel for all parameters instead of a loop of small ones per tensor
+    fused = device_type in FUSED_ADAMW_DEVICES
     if verbose:
         print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} parameters), undecayed tensors: "
               f"{len(no_decay)} ({sum(p.numel() for p in no_decay):,} parameters), fused AdamW: {fused}")
@@ -85,11 +101,12 @@ def muon_adamw(model, *, lr, embedding_lr, head_lr, scalar_lr, weight_decay, bet
     # per step for the same weight_decay: modded-nanogpt and nanochat use 0.
     # Nesterov momentum, Keller Jordan's quintic Newton-Schulz (5 steps) and his lr adjustment
     # (lr * sqrt(max(1, fan_out / fan_in)): the same update RMS for tall matrices) are torch's defaults.
+    check_muon(device_type)
     muon = torch.optim.Muon([group(matrices, lr, weight_decay=weight_decay)], momentum=momentum,
                             nesterov=True)
     adam_groups = [group(ps, group_lr, weight_decay=0.0) for ps, group_lr in
                    ((heads, head_lr), (embeddings, embedding_lr), (scalars, scalar_lr)) if ps]  # no empty groups
-    fused = device_type == "cuda"
+    fused = device_type in FUSED_ADAMW_DEVICES
     adam = torch.optim.AdamW(adam_groups, betas=betas, eps=eps, **({"fused": True} if fused else {}))
     if verbose:
         print(f"Muon: {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters), lr {lr:g}, "
@@ -162,11 +179,13 @@ def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", 
     return min_lr + coeff * (max_lr - min_lr)
 
 
-def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp):
+def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None):
     """One optimizer step over the micro-batches [(x, y), ...] (each (B, T) on the model's device), model wrapped in
     DistributedDataParallel when ddp. Returns (loss, grad_norm), 0-dim device tensors: the mean loss over all
     micro-batches of all ranks, and the gradient norm before clipping (grad_clip 0: none). Nothing here waits for
-    the device: call .item() when you need the numbers."""
+    the device: call .item() when you need the numbers. also_reduce (ddp only): a 1-D float tensor on the device,
+    replaced by its sum over the ranks in the same all-reduce as the loss (the stop flags: no collective of their
+    own)."""
     optimizer.zero_grad(set_to_none=True)
     grad_accum_steps = len(batches)
     loss_accum = torch.zeros((), device=batches[0][0].device)
@@ -186,8 +205,11 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
             loss.backward()
     if ddp:
         # DDP averaged the gradients over ranks; average the logged loss too (SUM / N: gloo has no AVG)
-        dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-        loss_accum /= dist.get_world_size()
+        packed = loss_accum.view(1) if also_reduce is None else torch.cat([loss_accum.view(1), also_reduce])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        loss_accum = packed[0] / dist.get_world_size()
+        if also_reduce is not None:
+            also_reduce.copy_(packed[1:])
     # With max_norm=inf the clip coefficient clamps to 1: the gradients stay as they are, the norm is still measured.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:

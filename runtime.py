@@ -3,6 +3,7 @@
     python -c "import runtime; print(runtime.get_device('auto'), runtime.peak_flops('cpu'))"
 """
 
+import inspect
 import os
 import resource
 import signal
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from options import ConfigError
 
@@ -48,6 +50,17 @@ def init_distributed(d, device):
         dist.init_process_group(backend="gloo")
 
 
+def wrap_ddp(model, d, device):
+    """model in DistributedDataParallel. gradient_as_bucket_view: the gradients are views of the all-reduce buckets,
+    no second copy of them and no copy in and out at every step. No buffer sync before each forward: the only buffers
+    are the rotary tables, computed identically on every rank, which DDP would otherwise broadcast from rank 0 (a
+    blocking collective) before every forward (forward_sync_buffers=False; broadcast_buffers=False on older torch)."""
+    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_buffer_sync)
+
+
 class StopSignal:
     """SIGINT (Ctrl-C) and SIGTERM (kill, preemption, a scheduler's time limit) inside the `with` block set a flag the
     loop reads after each step, to save and exit; a second Ctrl-C raises KeyboardInterrupt at once. Not a second
@@ -77,13 +90,32 @@ class StopSignal:
         """After optimizer step `step` (0-based): if a stop was asked for on any rank, save the state of step + 1 steps
         done (save(step) returns the checkpoint's path), say so in one line and return the exit code, 128 + the
         signal's number (the shell's code for "ended by this signal"); else 0. Collective, as agreed()."""
-        signum = self.agreed(device, d.ddp)
-        if signum:
-            path = save(step + 1)
-            if d.master:
-                print(f"{script}: stopped at step {step + 1} ({signal.Signals(signum).name}); saved {path}; run the "
-                      "same command to continue", file=sys.stderr, flush=True)
-        return 128 + signum if signum else 0
+        return self.stop_at(step + 1, save, script, self.agreed(device, d.ddp), d)
+
+    def stop_at(self, steps_done, save, script, signum, d):
+        """With signum (agreed()'s) set: save the state of steps_done steps, say so in one line and return the exit
+        code, 128 + signum; with signum 0, return 0. The evals' stop uses it too: they stop at steps_done, unsaved."""
+        if not signum:
+            return 0
+        path = save(steps_done)
+        if d.master:
+            print(f"{script}: stopped at step {steps_done} ({signal.Signals(signum).name}); saved {path}; run the "
+                  "same command to continue", file=sys.stderr, flush=True)
+        return 128 + signum
+
+    def flags(self, device):
+        """[SIGINT received, SIGTERM received] on device, to be summed over the ranks (train_step's also_reduce).
+        Filled by kernels, not copied from the host: a pageable host-to-device copy would wait for the device."""
+        flags = torch.zeros(len(self.SIGNALS), device=device)
+        if self.signum:
+            flags[self.SIGNALS.index(self.signum)].fill_(1.0)
+        return flags
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The signal number of flags summed over the ranks (SIGTERM over SIGINT, as agreed()'s MAX), or 0."""
+        received = [signum for signum, n in zip(cls.SIGNALS, flags.tolist()) if n > 0]
+        return max(received, default=0)
 
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
@@ -167,11 +199,18 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None)
 
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name;
-# the first match wins, so the more specific names come first.
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name (any
+# case); the first match wins, so the more specific names come first ("H200 NVL" before "H200"). GeForce cards run
+# bf16 with fp32 accumulation (what PyTorch's matmuls use) at half their fp16-accumulate rate: the figures are those.
+# The Ada and Ampere whitepapers give the 4090 (165.2), 4080 (97.5), 4080 12GB = 4070 Ti (80.2), 3090 (71) and 3080
+# (59.5); the other GeForce cards are the same tensor cores, scaled by NVIDIA's tensor-core counts and boost clocks.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
-                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-                   ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))  # "H100": SXM
+                   ("H200 NVL", 835e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+                   ("RTX 4090", 165e12), ("RTX 4080 SUPER", 104.5e12), ("RTX 4080", 97.5e12),
+                   ("RTX 4070 Ti SUPER", 88.2e12), ("RTX 4070 Ti", 80.2e12), ("RTX 4070 SUPER", 71.0e12),
+                   ("RTX 4070", 58.3e12), ("RTX 3090 Ti", 79.8e12), ("RTX 3090", 71e12), ("RTX 3080 Ti", 68.0e12),
+                   ("RTX 3080", 59.5e12))  # "H100": SXM
 
 
 def peak_memory_bytes(device):
@@ -189,8 +228,12 @@ def peak_flops(device):
 
 
 def peak_flops_of(name):
-    """The bf16 dense peak FLOP/s of a GPU by its name, or None for an unlisted one."""
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    """The bf16 dense peak FLOP/s of a GPU by its name, or None for an unlisted one (a laptop GPU too: the same name
+    as a desktop card's, at far lower clocks and power)."""
+    name = name.lower()
+    if "laptop" in name:
+        return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in name), None)
 
 
 # -----------------------------------------------------------------------------

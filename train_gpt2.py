@@ -24,7 +24,6 @@ import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from checkpoints import (append_log, compare_configs, find_checkpoint, load_optimizer_state, locked_run_dir,
@@ -35,7 +34,7 @@ from model import GPT, PADDED_VOCAB_SIZE
 from optim import configure_optimizers, get_lr, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, peak_flops, peak_memory_bytes,
-                     script_main, setup_precision, step_progress)
+                     script_main, setup_precision, step_progress, wrap_ddp)
 
 SCRIPT = "train_gpt2.py"
 MAKE_SHARDS = "make them with `python fineweb.py`"
@@ -211,20 +210,32 @@ class TrainLoader:
         self.stream, self.B, self.T, self.rank, self.world_size = stream, B, T, rank, world_size
         self.vocab_size, self.device = vocab_size, device
         self.position = 0  # stream position of the first chunk of the next group of W micro-batches
+        self.prefetched = []  # a step's micro-batches read ahead (prefetch), which position already counts
 
     def next_batch(self):
         start = self.position + self.rank * self.B * self.T
         self.position += self.B * self.T * self.world_size
         return make_batch(self.stream, start, self.B, self.T, self.vocab_size, self.device)
 
+    def prefetch(self, n):
+        """Read the next step's n micro-batches now (while the device still runs this step): step_batches(n)
+        returns them. A checkpoint taken meanwhile still holds the position before them."""
+        self.prefetched = [self.next_batch() for _ in range(n)]
+
+    def step_batches(self, n):
+        """A step's n micro-batches: the prefetched ones, or read now."""
+        batches, self.prefetched = self.prefetched or [self.next_batch() for _ in range(n)], []
+        return batches
+
     def state_dict(self):
-        return {"position": self.position, "stream_tokens": self.stream.total}
+        position = self.position - len(self.prefetched) * self.B * self.T * self.world_size
+        return {"position": position, "stream_tokens": self.stream.total}
 
     def load_state_dict(self, state):
         if state["stream_tokens"] != self.stream.total:
             raise ConfigError(f"the train shards hold {self.stream.total} tokens but the checkpoint was trained on "
                               f"{state['stream_tokens']}: the data changed, an exact resume is impossible")
-        self.position = state["position"]
+        self.position, self.prefetched = state["position"], []
 
 
 def open_data(cfg):
@@ -259,12 +270,22 @@ def check_data_fits(cfg, train_stream):
 # -----------------------------------------------------------------------------
 # the evaluations (the optimizer step itself is optim.train_step)
 
+STOP_CHECK_CHUNKS = 8  # the val loss asks whether to stop every this many chunks (a collective under DDP)
+
+
 @torch.no_grad()
-def evaluate_loss(model, stream, *, n_chunks, B, T, vocab_size, device, autocast_dtype, rank, world_size):
+def evaluate_loss(model, stream, *, n_chunks, B, T, vocab_size, device, autocast_dtype, rank, world_size,
+                  stopping=lambda: 0):
     """Mean loss over the first n_chunks * B*T tokens of stream; rank r takes chunks r, r+W, ...: the same tokens
-    and the same value (up to float rounding) for any number of ranks. model is not DDP-wrapped (nothing to sync)."""
+    and the same value (up to float rounding) for any number of ranks. model is not DDP-wrapped (nothing to sync).
+    None if stopping() (collective: every rank calls it at the same chunks) says so first."""
     totals = torch.zeros(2, device=device)  # sum of chunk losses, number of chunks
-    for i in range(rank, n_chunks, world_size):
+    for j in range(-(-n_chunks // world_size)):  # every rank the same rounds, one with no chunk left idles its last
+        if j % STOP_CHECK_CHUNKS == 0 and stopping():
+            return None
+        i = rank + j * world_size
+        if i >= n_chunks:
+            continue
         x, y = make_batch(stream, i * B * T, B, T, vocab_size, device)
         with autocast(device.type, autocast_dtype):
             _, loss = model(x, y)
@@ -289,30 +310,44 @@ def sample(model, enc, *, prompt, num_samples, length, seed, device, autocast_dt
     return [enc.decode(row) for row in out.tolist()]
 
 
-def run_evals(s, d, step, due_now, val_stream, examples, enc, log, record):
+def run_evals(s, d, step, due_now, val_stream, examples, enc, log, record, stopping=lambda: 0):
     """The evals due_now ({"val": bool, "hella": bool, "sample": bool}) of the model after `step` optimizer steps:
-    logged, and recorded in log.txt (record(step, kind, value, format))."""
-    cfg, device, gpt2, gpt3 = s.cfg, s.device, REFERENCES["gpt2"], REFERENCES["gpt3"]
+    logged, and recorded in log.txt (record(step, kind, value, format)). stopping() (StopSignal.agreed, collective)
+    is asked before each and during the val loss: a stop request skips the rest (torchrun and most schedulers kill
+    30 s after SIGTERM; a val pass alone can take longer)."""
     s.model.eval()
+    try:
+        evals_until_stopped(s, d, step, due_now, val_stream, examples, enc, log, record, stopping)
+    finally:
+        s.model.train()
+
+
+def evals_until_stopped(s, d, step, due_now, val_stream, examples, enc, log, record, stopping):
+    """run_evals' evals, in eval mode; returns at the first stopping() that says stop."""
+    cfg, device, gpt2, gpt3 = s.cfg, s.device, REFERENCES["gpt2"], REFERENCES["gpt3"]
     t0 = time.perf_counter()
     if due_now["val"]:
         val_loss = evaluate_loss(s.model, val_stream, n_chunks=cfg.val_tokens // (cfg.batch_size * cfg.block_size),
                                  B=cfg.batch_size, T=cfg.block_size, vocab_size=cfg.vocab_size, device=device,
-                                 autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size)
+                                 autocast_dtype=s.autocast_dtype, rank=d.rank, world_size=d.world_size,
+                                 stopping=stopping)
+        if val_loss is None:
+            return
         log(f"step {step:5d} | val loss {val_loss:.4f} (GPT-2 124M: {gpt2['val']})")
         record(step, "val", val_loss, ".4f")
-    if due_now["hella"]:
-        result = hellaswag.evaluate(s.model, examples, device=device, autocast_dtype=s.autocast_dtype, rank=d.rank,
+    if due_now["hella"] and not stopping():
+        # the eager model: HellaSwag's batches vary in T, and through the compiled one they would add a graph per
+        # length to the cache that GPT.forward's training graph shares (and its recompile limit)
+        result = hellaswag.evaluate(s.raw_model, examples, device=device, autocast_dtype=s.autocast_dtype, rank=d.rank,
                                     world_size=d.world_size)
         log(f"step {step:5d} | HellaSwag acc_norm {result.correct_norm}/{result.n} = {result.acc_norm:.4f} "
             f"(GPT-2 124M: {gpt2['hella']}, GPT-3 124M: {gpt3['hella']})")
         record(step, "hella", result.acc_norm, ".4f")
-    if due_now["sample"] and d.master:
+    if due_now["sample"] and not stopping() and d.master:
         for i, text in enumerate(sample(s.raw_model, enc, prompt=cfg.sample_prompt, num_samples=cfg.num_samples,
                                         length=cfg.sample_length, seed=cfg.seed, device=device,
                                         autocast_dtype=s.autocast_dtype)):
             log(f"step {step:5d} | sample {i}: {text!r}")
-    s.model.train()
     log(f"step {step:5d} | evals took {time.perf_counter() - t0:.1f} s")
 
 
@@ -325,8 +360,8 @@ class Setup:
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on CUDA, None (fp32) elsewhere
     grad_accum_steps: int
-    raw_model: GPT  # the plain module: checkpoints and sampling
-    model: torch.nn.Module  # raw_model, maybe compiled: the evals
+    raw_model: GPT  # the plain module: checkpoints, sampling and HellaSwag
+    model: torch.nn.Module  # raw_model, maybe compiled for the training shape: the val loss (same shape, no grad)
     train_model: torch.nn.Module  # model, DDP-wrapped in a distributed run: the train step
     optimizer: torch.optim.Optimizer
 
@@ -362,8 +397,10 @@ def setup(cfg, d, device, checkpoint=None, checkpoint_path=None, log=print):
     use_compile = cfg.compile and device.type != "mps"
     if cfg.compile and not use_compile:
         log("note: torch.compile is not used on mps")
-    model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.ddp else model
+    # dynamic=False: static-shape kernels for the one (B, T) of training, whatever ran through the model first (a
+    # fresh run's step-0 evals would otherwise mark the sizes dynamic: automatic dynamic shapes)
+    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    train_model = wrap_ddp(model, d, device) if d.ddp else model
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * d.world_size)
     return Setup(cfg=cfg, device=device, autocast_dtype=autocast_dtype, grad_accum_steps=grad_accum_steps,
                  raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer)
@@ -428,7 +465,11 @@ def train(cfg, d):
             due_now = {kind: due(step, every, last) for kind, every in (("val", cfg.val_every), ("hella",
                        cfg.hellaswag_every), ("sample", cfg.sample_every))}
             if any(due_now.values()):
-                run_evals(s, d, step, due_now, val_stream, examples, enc, log, record)
+                run_evals(s, d, step, due_now, val_stream, examples, enc, log, record,
+                          stopping=lambda: stop.agreed(device, d.ddp))
+                # a stop asked for during the evals: the state of `step` steps saved now, the evals rerun on resume
+                if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d):
+                    return code
             # --- checkpoint (not at the step just resumed from: that checkpoint exists); the last step's always
             if step > start_step and (last or due(step, cfg.checkpoint_every, last)):
                 save(step)
@@ -436,11 +477,16 @@ def train(cfg, d):
                 break
             # --- one optimizer step
             t0 = time.perf_counter()
-            batches = [loader.next_batch() for _ in range(s.grad_accum_steps)]
+            batches = loader.step_batches(s.grad_accum_steps)
             lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                         max_steps=cfg.max_steps, schedule=cfg.schedule, warmdown_frac=cfg.warmdown_frac)
+            # under DDP the stop request rides on the loss's all-reduce: no collective of its own each step
+            flags = stop.flags(device) if d.ddp else None
             loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
-                                         device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp)
+                                         device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp,
+                                         also_reduce=flags)
+            if step + 1 < cfg.max_steps:  # the host reads and copies the next step's input while the device works
+                loader.prefetch(s.grad_accum_steps)
             loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -453,7 +499,8 @@ def train(cfg, d):
                 f" | {eta}")
             record(step, "train", loss, ".6f", lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec)
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
-            if code := stop.stop_after(step, save, SCRIPT, device, d):
+            signum = StopSignal.from_flags(flags) if d.ddp else stop.signum  # the same on every rank
+            if code := stop.stop_at(step + 1, save, SCRIPT, signum, d):
                 return code
     log(speed_summary(step_times, cfg.total_batch_size, flops_per_token, peak, d.world_size, device))
     if wandb:

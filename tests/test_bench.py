@@ -58,3 +58,25 @@ def test_bench_runs_the_fast_recipe():
     assert len(losses) == 3 and losses[0] > losses[-1]  # Muon moves it at once: the head starts at zero, loss ln(V)
     params = int(re.search(r"params=([\d,]+)", p.stdout).group(1).replace(",", ""))
     assert params > 2 * 50304 * 32  # untied: the embedding and the head
+
+
+def test_mfu_is_per_gpu():
+    """train_gpt2's MFU, which the bench reports: the tokens/s of all ranks over the peak of all their GPUs, so W
+    ranks at W times one GPU's speed have one GPU's MFU."""
+    import train_gpt2
+
+    one = train_gpt2.format_mfu(1e9, 100e3, 165e12, 1)
+    assert one == "60.6%" and train_gpt2.format_mfu(1e9, 8 * 100e3, 165e12, 8) == one
+    assert train_gpt2.format_mfu(1e9, 100e3, None, 2) == "n/a"
+
+
+def test_bench_under_two_gloo_ranks():
+    """--nproc=2 (torchrun, gloo on CPU): one line per step and one summary, rank 0's, and a clean exit (the process
+    group destroyed: no warning about it)."""
+    p = run_bench(*TINY, "--nproc=2", "--steps=2", "--warmup=1")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert [line.split("|")[0].strip() for line in lines if line.startswith("step")] == ["step   0", "step   1",
+                                                                                          "step   2"]
+    assert len([line for line in lines if line.startswith("bench:")]) == 1 and "processes=2 " in p.stdout
+    assert "destroy_process_group" not in p.stderr

@@ -112,6 +112,23 @@ def test_batched_equals_one_at_a_time(scored, model, batch_size, pad_multiple):
                               pad_multiple=pad_multiple) == expected
 
 
+def test_examples_rendered_once_per_list(scored, model, monkeypatch):
+    """A run scores the same examples list at every eval: they are rendered and tokenized at the first only, and the
+    result is the same; another list (or other shapes) is rendered anew."""
+    path, expected, _ = scored
+    calls, render_example = [], hellaswag.render_example
+    monkeypatch.setattr(hellaswag, "render_example", lambda *a: calls.append(1) or render_example(*a))
+    examples = hellaswag.load_examples(path)
+    assert hellaswag.evaluate(model, examples, device="cpu", batch_size=8) == expected
+    assert len(calls) == len(examples)
+    assert hellaswag.evaluate(model, examples, device="cpu", batch_size=8) == expected
+    assert len(calls) == len(examples)  # not again
+    assert hellaswag.evaluate(model, examples, device="cpu", batch_size=4) == expected
+    assert len(calls) == 2 * len(examples)  # another batch size: other rows of dummies
+    assert hellaswag.evaluate(model, hellaswag.load_examples(path), device="cpu", batch_size=4) == expected
+    assert len(calls) == 3 * len(examples)
+
+
 class ShapeRecorder(torch.nn.Module):
     """Wraps a model as DistributedDataParallel does (the model under .module) and records every input shape."""
 

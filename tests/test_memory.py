@@ -200,8 +200,9 @@ def test_search_tries_largest_first_and_stops_at_the_first_fit():
 
 
 def test_gpu_choice_by_trial(monkeypatch):
-    """fit_micro_batch on "cuda" with fits_on_gpu injected: the largest candidate whose trial fits, the optimizer's
-    moments and 5% of the GPU reserved, and a resumed run's own micro-batch first."""
+    """fit_micro_batch on "cuda" with fits_on_gpu injected: the largest candidate whose trial fits, 5% of the GPU
+    reserved (the trial is a whole step: it allocates the optimizer's moments itself), and a resumed run's own
+    micro-batch first."""
     trials = []
 
     def fake_trial(config, b, block_size, reserve, autocast_dtype, device):
@@ -219,7 +220,7 @@ def test_gpu_choice_by_trial(monkeypatch):
     assert resolved.batch_size == 16 and lines == ["micro-batch 16 (auto: 32 ran out of GPU memory in a trial step) "
                                                    "x 32 accumulation steps"]
     assert [b for b, _, _ in trials] == [64, 32, 16]
-    assert {(t, r) for _, t, r in trials} == {(1024, 8 * model.num_params() + 8e9 // 20)}
+    assert {(t, r) for _, t, r in trials} == {(1024, 8e9 // 20)}
     trials.clear()
     start = {"config": dataclasses.asdict(model.config), "train_config": {"batch_size": 8}}  # a resume
     resolved = guards.fit_micro_batch(cfg, ONE_PROCESS, cuda, torch.bfloat16, start, lines.append)
@@ -228,7 +229,7 @@ def test_gpu_choice_by_trial(monkeypatch):
                          "accumulation steps")
     monkeypatch.setattr(guards, "fits_on_gpu", lambda *a: False)
     with pytest.raises(ConfigError, match=r"^--batch_size=auto: even one sequence of 1024 tokens runs out of "
-                                          r"GPU memory in a trial step \(with [\d.]+ GB reserved"):
+                                          r"GPU memory in a trial step \(with [\d.]+ GB reserved as headroom\)"):
         guards.fit_micro_batch(cfg, ONE_PROCESS, cuda, torch.bfloat16, None, lines.append)
 
 
@@ -250,7 +251,57 @@ def test_trial_step_frees_what_a_failed_attempt_held(monkeypatch):
     assert guards.fits_on_gpu(TINY, 4, T, 1024, None, cpu) is False
     assert guards.fits_on_gpu(TINY, 2, T, 1024, None, cpu) is True
     gc.collect()
-    assert len(built) == 2 and all(ref() is None for ref in built)
+    # 4 failed in its first micro-step; 2 ran both micro-steps of its trial on one model
+    assert len(built) == 3 and len({id(ref()) for ref in built}) == 1 and all(ref() is None for ref in built)
+
+
+def test_trial_is_a_whole_step(monkeypatch):
+    """fits_on_gpu runs what a step is: two micro-steps, the second's forward with the first's gradients held and no
+    logits of the first alive, then an AdamW step that allocates the two moments of every parameter."""
+    forward, seen = GPT.forward, []
+
+    def recording_forward(self, idx, targets=None):
+        seen.append(all(p.grad is not None for p in self.parameters()))
+        logits, loss = forward(self, idx, targets)
+        assert logits is None  # the trial asks for the loss only
+        return logits, loss
+
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        seen.append(sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in self.state.values()))
+        return out
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    assert guards.fits_on_gpu(TINY, 2, T, 1024, None, torch.device("cpu")) is True
+    with torch.device("meta"):
+        n_params = GPT(TINY).num_params()
+    assert seen == [False, True, 2 * n_params]
+
+
+@pytest.mark.parametrize("error, fits", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), False),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False),
+    (getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: out of memory"), False),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x32 and 64x32)"), None),
+    (ValueError("out of memory, but not from the GPU"), None),
+])
+def test_trial_counts_every_out_of_memory_error(monkeypatch, error, fits):
+    """Near a full card, cuBLAS handles, lazily loaded kernels and workspaces fail as RuntimeError or
+    torch.AcceleratorError, not OutOfMemoryError: those say "does not fit" too. Any other error propagates."""
+    def failing_forward(self, idx, targets=None):
+        raise error
+
+    monkeypatch.setattr(GPT, "forward", failing_forward)
+    cpu = torch.device("cpu")
+    if fits is None:
+        with pytest.raises(type(error)):
+            guards.fits_on_gpu(TINY, 2, T, 1024, None, cpu)
+    else:
+        assert guards.fits_on_gpu(TINY, 2, T, 1024, None, cpu) is fits
 
 
 # -----------------------------------------------------------------------------
@@ -315,6 +366,43 @@ def test_estimate_is_above_the_measured_peak():
     measured = int(p.stdout.split()[-1])
     estimate = need(4, GPTConfig(n_head=2, **shape), 256)
     assert measured < estimate < 2 * measured, (measured, estimate)
+
+
+STEP_PEAK = """import sys, torch
+sys.path.insert(0, {root!r})
+import optim
+from model import GPT, GPTConfig
+if {keep!r}:  # the old forward: the logits come back with the loss, and `_, loss = model(x, y)` holds them
+    forward = GPT.forward
+    GPT.forward = lambda self, idx, targets=None, **kw: forward(self, idx, targets, return_logits=True, **kw)
+torch.manual_seed(0)
+model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=256, vocab_size=50304))
+opt = optim.adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+x = torch.randint(0, 50257, (4, 4, 257))
+step = lambda: optim.train_step(model, opt, [(b[:, :-1], b[:, 1:]) for b in x], lr=1e-4, grad_clip=1.0,
+                                device_type="cpu", autocast_dtype=None, ddp=False)
+step()  # the weights' gradients and AdamW's moments allocated
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) starts again from the current RSS
+step()
+print(hwm() - rss)
+"""
+
+
+def test_a_step_keeps_no_logits_of_a_previous_micro_step():
+    """The peak RSS a step adds on CPU, where the logits dominate (4 x 256 x 50304 fp32, 197 MiB a micro-step): a
+    forward that returned them with the loss kept micro-step k's through micro-step k+1's forward; now none is."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    peaks = {}
+    for keep in (True, False):
+        p = subprocess.run([sys.executable, "-c", STEP_PEAK.format(root=ROOT, keep=keep)], capture_output=True,
+                           text=True, timeout=300, env=SUBPROCESS_ENV)
+        assert p.returncode == 0, p.stderr
+        peaks[keep] = int(p.stdout.split()[-1])
+    logits = 4 * 256 * 50304 * 4
+    assert peaks[True] - peaks[False] > 0.7 * logits, peaks
 
 
 def test_ranks_take_the_smallest_choice(data_dir, tmp_path):

@@ -36,7 +36,7 @@ def test_logits_and_loss_equal_transformers(tiny_hf_dir, ours):
     targets[0, :5] = -1  # ignored positions
     ref = hf_model(tiny_hf_dir)
     with torch.no_grad():
-        logits, loss = ours(idx, targets)
+        logits, loss = ours(idx, targets, return_logits=True)
         ref_logits = ref(idx).logits
     assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     ref_loss = F.cross_entropy(ref_logits.view(-1, ref_logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -51,7 +51,7 @@ def test_logits_at_positions(ours):
     targets = random_tokens((2, 3), seed=5)
     with torch.no_grad():
         full, _ = ours(idx)
-        picked, loss = ours(idx, targets, positions=positions)
+        picked, loss = ours(idx, targets, positions=positions, return_logits=True)
     expected = torch.stack([full[b, positions[b]] for b in range(2)])  # (2, 3, vocab)
     assert_close(picked, expected, rtol=1e-5, atol=1e-5)
     assert_close(loss, F.cross_entropy(expected.view(-1, expected.size(-1)), targets.view(-1)))
@@ -267,12 +267,41 @@ def test_logit_softcap_squashes_logits_and_loss():
         model.lm_head.weight.mul_(100)  # logits far beyond the cap
     idx, targets = random_tokens((2, 20), vocab=256), random_tokens((2, 20), vocab=256, seed=1)
     with torch.no_grad():
-        capped, loss = model(idx, targets)
+        capped, loss = model(idx, targets, return_logits=True)
         model.config.logit_softcap = 0.0
         raw, _ = model(idx)
     assert raw.abs().max() > 10
     assert_close(capped, 2.0 * torch.tanh(raw / 2.0))
     assert_close(loss, F.cross_entropy(capped.view(-1, 256), targets.view(-1)))
+
+
+def test_logit_softcap_gradients_in_fp32_under_bf16():
+    """Under bf16 autocast the cap runs in fp32: the gradients of the saturated raw logits (|z| > 1.5 cap, where
+    tanh's 1 - y^2 is small and bf16 would round y) match a float64 cap and loss at the same raw logits to 1% (a cap
+    in bf16: ~4% median error here). With targets and no return_logits, no (capped) logits come back."""
+    torch.manual_seed(0)
+    cap = 2.0
+    model = GPT(GPTConfig(vocab_size=256, **TINY, logit_softcap=cap))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # many logits far beyond the cap
+    idx, targets = random_tokens((4, 20), vocab=256), random_tokens((4, 20), vocab=256, seed=1)
+    raw = []
+
+    def keep_raw_logits(module, inputs, out):
+        out.retain_grad()
+        raw.append(out)
+
+    model.lm_head.register_forward_hook(keep_raw_logits)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert logits is None and loss.dtype == torch.float32
+    loss.backward()
+    z = raw[0].detach().double().requires_grad_()  # the bf16 raw logits, exactly
+    F.cross_entropy((cap * torch.tanh(z / cap)).view(-1, 256), targets.view(-1)).backward()
+    saturated = z.detach().abs() > 1.5 * cap
+    assert saturated.float().mean() > 0.2
+    error = (raw[0].grad.double() - z.grad).abs() / z.grad.abs().clamp_min(1e-30)
+    assert error[saturated].median() < 0.01, error[saturated].median()
 
 
 def test_generate_past_block_size_top_k_and_seeded():

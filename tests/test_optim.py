@@ -216,3 +216,19 @@ def test_muon_state_dict_resumes_exactly(tmp_path):
         assert state.keys() == b["state"][i].keys()
         assert all(torch.equal(v, b["state"][i][k]) for k, v in state.items()), i
     assert len(a["state"]) == len(list(model.parameters()))  # Muon's momenta and AdamW's moments, one id each
+
+
+def test_muon_needs_its_torch_and_macos_14_on_mps(monkeypatch):
+    """torch.optim.Muon ships from torch 2.9, and its bf16 Newton-Schulz runs on mps from macOS 14: one clear line
+    each, naming what is needed; fused AdamW on cuda and mps."""
+    import optim
+    from options import ConfigError
+
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    with pytest.raises(ConfigError, match=r"^--optimizer=muon on mps needs macOS 14 or later"):
+        optim.check_muon("mps")
+    optim.check_muon("cpu")
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match=r"^--optimizer=muon \(--recipe=fast\) needs torch>=2\.9 "):
+        optim.check_muon("cuda")
+    assert optim.FUSED_ADAMW_DEVICES == ("cuda", "mps")

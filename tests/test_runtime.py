@@ -27,6 +27,19 @@ def test_peak_flops_table():
     assert {name: runtime.peak_flops_of(name) for name in expected} == expected
 
 
+def test_peak_flops_of_consumer_cards_and_look_alike_names():
+    """The more specific name wins whatever the table's order would give a plain substring match: an H200 NVL is no
+    H200 SXM, a 4070 SUPER no 4070; a laptop GPU has no listed peak."""
+    expected = {"NVIDIA H200 NVL": 835e12, "NVIDIA GeForce RTX 4070 SUPER": 71.0e12, "NVIDIA GeForce RTX 4070": 58.3e12,
+                "NVIDIA GeForce RTX 4070 Ti": 80.2e12, "NVIDIA GeForce RTX 4070 Ti SUPER": 88.2e12,
+                "NVIDIA GeForce RTX 4080": 97.5e12, "NVIDIA GeForce RTX 4080 SUPER": 104.5e12,
+                "NVIDIA GeForce RTX 3090 Ti": 79.8e12, "NVIDIA GeForce RTX 3080": 59.5e12,
+                "NVIDIA GeForce RTX 3080 Ti": 68.0e12, "NVIDIA GeForce RTX 4070 Laptop GPU": None}
+    assert {name: runtime.peak_flops_of(name) for name in expected} == expected
+    for i, (key, _) in enumerate(runtime.PEAK_BF16_FLOPS):  # no key shadowed by an earlier, shorter one
+        assert runtime.peak_flops_of("NVIDIA " + key) == runtime.PEAK_BF16_FLOPS[i][1], key
+
+
 def test_stop_signal_first_requests_second_ctrl_c_interrupts(monkeypatch):
     import signal
 
@@ -42,3 +55,30 @@ def test_stop_signal_first_requests_second_ctrl_c_interrupts(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             stop.handle(signal.SIGINT, None)  # a person pressing Ctrl-C again
     assert signal.getsignal(signal.SIGTERM) is not stop.handle  # the previous handlers are back
+
+
+def test_stop_flags_summed_over_ranks():
+    """Under DDP the stop request rides on the loss's all-reduce as [SIGINT, SIGTERM] counts: their sum over ranks
+    gives every rank the same signal, SIGTERM over SIGINT as agreed()'s MAX."""
+    import signal
+
+    cpu, stops = torch.device("cpu"), [runtime.StopSignal() for _ in range(3)]
+    stops[1].signum, stops[2].signum = signal.SIGINT, signal.SIGTERM
+    flags = [stop.flags(cpu) for stop in stops]
+    assert [f.tolist() for f in flags] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    assert runtime.StopSignal.from_flags(flags[0]) == 0
+    assert runtime.StopSignal.from_flags(flags[0] + flags[1]) == signal.SIGINT
+    assert runtime.StopSignal.from_flags(sum(flags)) == signal.SIGTERM
+
+
+def test_ddp_wrapper_options(tmp_path):
+    """wrap_ddp: the gradients are views of DDP's buckets (no second copy) and no buffers are broadcast (the rotary
+    tables are the same on every rank); DDP's equality with accumulation is test_train's gloo test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = runtime.wrap_ddp(torch.nn.Linear(2, 2), runtime.Dist(True, 0, 0, 1), torch.device("cpu"))
+        assert model.gradient_as_bucket_view and not getattr(model, "forward_sync_buffers", model.broadcast_buffers)
+    finally:
+        dist.destroy_process_group()

@@ -503,6 +503,32 @@ def test_compile_on_cpu_matches_eager(tmp_path, capsys, recipe):
     assert f"acc_norm={losses(runs[True], 'hella')[3]:.4f}" in capsys.readouterr().out
 
 
+def test_step_0_evals_leave_the_training_graph_static(tmp_path, monkeypatch):
+    """A fresh run sends val and HellaSwag batches (other shapes) through the model before its first step: under
+    torch.compile (a backend recording each graph's inputs) the training graph still has static sizes, and the run
+    compiles two graphs only, the train step's and the val loss's (same shape, no grad); HellaSwag runs eagerly."""
+    data = write_shards(tmp_path / "data", vocab=50257)
+    examples = tmp_path / "hellaswag.jsonl"
+    rows = [{"ctx": "A cat " * (1 + 5 * i), "endings": ["a", "b c", "d e f", "g"], "label": 0} for i in range(3)]
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    graphs, compile_ = [], torch.compile
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=recording_backend, **kw))
+    torch._dynamo.reset()  # no graphs cached by earlier tests
+    args = tiny_args(data, str(tmp_path / "log"), vocab_size=50304, compile=True, max_steps=3, val_every=2,
+                     hellaswag_every=2, hellaswag_data=examples, checkpoint_every=0)
+    assert main(args) == 0
+    torch._dynamo.reset()
+    assert len(graphs) == 2, graphs
+    for shapes in graphs:  # symbolic sizes would be torch.SymInt, not int
+        assert all(type(n) is int for shape in shapes for n in shape), shapes
+        assert (4, 32) in shapes  # the micro-batch's idx: B=4, T=32 (HellaSwag's would be 12 rows)
+
+
 # -----------------------------------------------------------------------------
 # what a new user hit: two runs in one log_dir, Ctrl-C / SIGTERM, a truncated checkpoint, bad log_dirs
 
@@ -564,6 +590,33 @@ def test_signal_saves_a_checkpoint_and_the_rerun_continues_exactly(data_dir, tmp
     assert main(tiny_args(data_dir, stopped, **common)) == 0
     assert main(tiny_args(data_dir, straight, **common)) == 0
     assert_same_run(straight, stopped, steps)
+
+
+def test_signal_during_the_evals_skips_them_and_saves(data_dir, tmp_path):
+    """SIGTERM while the step-0 val loss runs (slowed, 15 chunks of 1 s): the run stops within the val pass, skips
+    the rest of it, saves the state of step 0 and exits; running the same command again gives the log and weights of a
+    run never stopped (the skipped evals run then)."""
+    stopped, straight, mark = str(tmp_path / "stopped"), str(tmp_path / "straight"), tmp_path / "in_eval"
+    common = dict(max_steps=6, val_every=3, val_tokens=15 * 4 * 32, checkpoint_every=0)
+    env = {**SUBPROCESS_ENV, "SLOW_EVAL_SECONDS": "1", "SLOW_EVAL_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "slow_eval_run.py"),
+                             *tiny_args(data_dir, stopped, **common)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 100
+    while not mark.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 12  # the whole val pass would take 15 s
+    assert proc.returncode == 128 + signal.SIGTERM
+    path = checkpoints.checkpoint_path(stopped, 0)
+    assert err == f"train_gpt2.py: stopped at step 0 (SIGTERM); saved {path}; run the same command to continue\n"
+    assert read_log(stopped) == ""  # no val loss, no step
+    assert main(tiny_args(data_dir, stopped, **common)) == 0
+    assert main(tiny_args(data_dir, straight, **common)) == 0
+    assert_same_run(straight, stopped, 6)
 
 
 def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
