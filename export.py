@@ -23,8 +23,10 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
 from checkpoints import load_model
+from files import WriteError, reason_of
 from model import GPT2_VOCAB_SIZE, is_conv1d_weight
 from options import ConfigError, option, run
 from tokenizer import (ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, get_chat_encoding, get_encoding,
@@ -65,12 +67,15 @@ def save_pretrained(model, directory, chat=False):
     hf.load_state_dict({k: (v.t() if is_conv1d_weight(k) else v) for k, v in sd.items()}, strict=False)
     # write into a temporary sibling directory, then move each file into place: an interrupted export never
     # leaves a half-written model.safetensors under its real name
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
-        hf.save_pretrained(tmp)
-        save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
+            hf.save_pretrained(tmp)
+            save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    except (OSError, SafetensorError) as e:  # a full disk, say: the files written so far are whole ones
+        raise WriteError(directory, reason_of(e) if isinstance(e, OSError) else str(e)) from e
 
 
 # -----------------------------------------------------------------------------

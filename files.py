@@ -19,20 +19,70 @@ REFERENCES = {
 }
 
 
+class WriteError(Exception):
+    """A file that could not be written (no space left, a file-size limit, a read-only or vanished directory, no
+    permission): its path and the operating system's reason, in its words. `context` (the step, the newest intact
+    checkpoint) is filled in by whoever knows it. Not an OSError: an OSError of reading (a download) is not this."""
+
+    def __init__(self, path, reason):
+        super().__init__(path, reason)
+        self.path, self.reason, self.context = path, reason, ""
+
+    def __str__(self):
+        context = f" {self.context}" if self.context else ""
+        return f"cannot write {self.path} ({self.reason}){context}; free space and run the same command again"
+
+
+def reason_of(error):
+    """The operating system's words for an OSError ("No space left on device"), else its message."""
+    return error.strerror or str(error)
+
+
+class _RecordingFile:
+    """A file whose write() remembers the OSError it raised: torch.save's zip writer replaces that error by its own
+    RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ..."), which says nothing of the cause."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def atomic_write(path, write, tmp=None):
     """write(file) into a temporary file next to path (named tmp, default .NAME.tmp), then rename it to path: a kill
-    at any moment leaves the old file or the new one, never half of one. The temporary file goes if write fails."""
+    at any moment leaves the old file or the new one, never half of one. The temporary file goes if write fails.
+    Raises WriteError naming path when the file system refuses the file (creating, writing, syncing or renaming it);
+    any other error of write(file) passes as it is."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, tmp or f".{os.path.basename(path)}.tmp")
+    passing = None  # an error of write() itself, not of the file (a download's): raised as it is
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
+        with open(tmp, "wb") as raw:
+            f = _RecordingFile(raw)
+            try:
+                write(f)
+            except BaseException as e:
+                if f.error is None:
+                    passing = e
+                    raise
+                # whatever write() made of it (torch: a RuntimeError), the cause is the file system's refusal
+                raise WriteError(path, reason_of(f.error)) from e
+            raw.flush()
+            os.fsync(raw.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e is not passing:  # creating, flushing, syncing or renaming the file
+            raise WriteError(path, reason_of(e)) from e
         raise
     with contextlib.suppress(OSError):  # the rename itself, on disk (where a directory can be opened)
         fd = os.open(directory, os.O_RDONLY)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoints import load_model
-from files import JSONLinesError, atomic_write, jsonl_records
+from files import JSONLinesError, WriteError, atomic_write, jsonl_records, reason_of
 from options import ConfigError, at_least, option, run
 from runtime import autocast, get_device
 
@@ -58,8 +58,12 @@ class HellaSwagResult:
 # data: download, parse, validate
 
 def download(url, path, chunk_size=1 << 20):
-    """Fetch url into path atomically (files.atomic_write): an interrupted download leaves no truncated file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Fetch url into path atomically (files.atomic_write): an interrupted download leaves no truncated file. Raises
+    HellaSwagError if the download fails, WriteError if the file cannot be written (a full disk, say)."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as e:
+        raise WriteError(path, reason_of(e)) from None
 
     def write(f):
         with urllib.request.urlopen(url, timeout=60) as resp:
@@ -73,7 +77,7 @@ def download(url, path, chunk_size=1 << 20):
                 raise OSError(f"got {f.tell()} of {total} bytes")
 
     try:
-        atomic_write(path, write)
+        atomic_write(path, write)  # a WriteError passes: the network is fine, the disk is not
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, a cut, a bad URL
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download {url}: {reason}; "
@@ -90,7 +94,7 @@ def fetch(url, cache_dir):
     if not os.path.exists(path) and (not distributed or dist.get_rank() == 0):
         try:
             download(url, path)
-        except HellaSwagError as e:
+        except (HellaSwagError, WriteError) as e:
             error = e  # reach the barrier anyway: the other ranks must not wait forever
     if distributed:
         dist.barrier()
