@@ -18,6 +18,7 @@ as in OpenAI's gpt2.
 """
 
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -75,7 +76,13 @@ def save_pretrained(model, directory, chat=False):
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     except (OSError, SafetensorError) as e:  # a full disk, say: the files written so far are whole ones
-        raise WriteError(directory, reason_of(e) if isinstance(e, OSError) else str(e)) from e
+        raise WriteError(directory, reason_of(e) if isinstance(e, OSError) else safetensors_reason(e)) from e
+
+
+def safetensors_reason(error):
+    """The OS's words in safetensors' "Error while serializing: I/O error: File too large (os error 27)"."""
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", str(error))
+    return found.group(1) if found else str(error)
 
 
 # -----------------------------------------------------------------------------

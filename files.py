@@ -40,7 +40,9 @@ def reason_of(error):
 
 class _RecordingFile:
     """A file whose write() remembers the OSError it raised: torch.save's zip writer replaces that error by its own
-    RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ..."), which says nothing of the cause."""
+    RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ..."), which says nothing of the cause.
+    Not a real file to numpy either: np.save writes through write() and sees every error, where its tofile() on a
+    real file wrote a shard cut short at a file-size limit without a word."""
 
     def __init__(self, f):
         self._f, self.error = f, None
