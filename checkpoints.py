@@ -16,7 +16,7 @@ import zipfile
 
 import torch
 
-from files import WriteError, atomic_write, reason_of
+from files import WriteError, atomic_write
 from model import GPT, GPTConfig
 from options import ConfigError
 
@@ -311,7 +311,7 @@ def append_log(log_path, step, kind, value, fmt):
     try:
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as e:
-        raise WriteError(log_path, reason_of(e)) from None
+        raise WriteError.of(log_path, e) from None
     try:
         size = os.fstat(fd).st_size
         rest = memoryview(line)
@@ -320,7 +320,7 @@ def append_log(log_path, step, kind, value, fmt):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size)  # no half line: the rerun appends after whole lines
-        raise WriteError(log_path, reason_of(e)) from None
+        raise WriteError.of(log_path, e) from None
     finally:
         os.close(fd)
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 
 from checkpoints import load_model
-from files import WriteError, reason_of
+from files import WriteError
 from model import GPT2_VOCAB_SIZE, is_conv1d_weight
 from options import ConfigError, option, run
 from tokenizer import (ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, get_chat_encoding, get_encoding,
@@ -76,7 +76,9 @@ def save_pretrained(model, directory, chat=False):
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     except (OSError, SafetensorError) as e:  # a full disk, say: the files written so far are whole ones
-        raise WriteError(directory, reason_of(e) if isinstance(e, OSError) else safetensors_reason(e)) from e
+        if isinstance(e, OSError):
+            raise WriteError.of(directory, e) from e
+        raise WriteError(directory, safetensors_reason(e)) from e
 
 
 def safetensors_reason(error):

@@ -4,6 +4,7 @@
 """
 
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -24,18 +25,21 @@ class WriteError(Exception):
     permission): its path and the operating system's reason, in its words. `context` (the step, the newest intact
     checkpoint) is filled in by whoever knows it. Not an OSError: an OSError of reading (a download) is not this."""
 
-    def __init__(self, path, reason):
+    FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, None)  # no space, a file-size limit, a quota, unknown
+
+    def __init__(self, path, reason, code=None):
         super().__init__(path, reason)
-        self.path, self.reason, self.context = path, reason, ""
+        self.path, self.reason, self.code, self.context = path, reason, code, ""
 
     def __str__(self):
         context = f" {self.context}" if self.context else ""
-        return f"cannot write {self.path} ({self.reason}){context}; free space and run the same command again"
+        todo = "free space" if self.code in self.FULL else "make it writable"  # a vanished or read-only directory
+        return f"cannot write {self.path} ({self.reason}){context}; {todo} and run the same command again"
 
-
-def reason_of(error):
-    """The operating system's words for an OSError ("No space left on device"), else its message."""
-    return error.strerror or str(error)
+    @classmethod
+    def of(cls, path, error):
+        """The WriteError of path for an OSError, in the operating system's words ("No space left on device")."""
+        return cls(path, error.strerror or str(error), error.errno)
 
 
 class _RecordingFile:
@@ -76,7 +80,7 @@ def atomic_write(path, write, tmp=None):
                     passing = e
                     raise
                 # whatever write() made of it (torch: a RuntimeError), the cause is the file system's refusal
-                raise WriteError(path, reason_of(f.error)) from e
+                raise WriteError.of(path, f.error) from e
             raw.flush()
             os.fsync(raw.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
         os.replace(tmp, path)
@@ -84,7 +88,7 @@ def atomic_write(path, write, tmp=None):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError) and e is not passing:  # creating, flushing, syncing or renaming the file
-            raise WriteError(path, reason_of(e)) from e
+            raise WriteError.of(path, e) from e
         raise
     with contextlib.suppress(OSError):  # the rename itself, on disk (where a directory can be opened)
         fd = os.open(directory, os.O_RDONLY)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoints import load_model
-from files import JSONLinesError, WriteError, atomic_write, jsonl_records, reason_of
+from files import JSONLinesError, WriteError, atomic_write, jsonl_records
 from options import ConfigError, at_least, option, run
 from runtime import autocast, get_device
 
@@ -63,7 +63,7 @@ def download(url, path, chunk_size=1 << 20):
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     except OSError as e:
-        raise WriteError(path, reason_of(e)) from None
+        raise WriteError.of(path, e) from None
 
     def write(f):
         with urllib.request.urlopen(url, timeout=60) as resp:
