@@ -47,16 +47,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import (append_log, compare_configs, find_checkpoint, load_model, load_optimizer_state,
-                         locked_run_dir, model_from_checkpoint, prepare_log_dir, save_run_checkpoint, set_rng_state)
+from checkpoints import (append_log, compare_configs, failure_context, find_checkpoint, load_model,
+                         load_optimizer_state, locked_run_dir, model_from_checkpoint, prepare_log_dir,
+                         save_run_checkpoint, set_rng_state)
 from export import save_pretrained
 from files import JSONLinesError, hub_offline, jsonl_records
 from guards import check_finite, check_ranges, check_same_step
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from optim import adamw, get_lr, train_step
 from options import ConfigError, help_text, option, parse
-from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, script_main, setup_precision,
-                     step_progress, wrap_ddp)
+from runtime import (StopSignal, Writes, autocast, dist_from_env, get_device, init_distributed, script_main,
+                     setup_precision, step_progress, wrap_ddp)
 from tokenizer import (CHAT_FORMAT, CHAT_VOCAB_SIZE, ENDOFTEXT_ID, check_messages, decode_stream, generate_reply,
                        get_chat_encoding, is_chat_model, render_conversation, render_prompt)
 
@@ -533,10 +534,15 @@ def train(cfg, d):
     model = torch.compile(raw_model) if use_compile else raw_model
     train_model = wrap_ddp(model, d, device) if d.ddp else model  # train_gpt2's options: no gradient copies
 
+    # rank 0's files: one that cannot be written (a full disk) stops every rank, one line naming the last checkpoint
+    writes = Writes(d.ddp, context=lambda step: failure_context(cfg.log_dir, step))
+
     def export():
         if cfg.export_dir and d.master:
-            save_pretrained(raw_model, cfg.export_dir, chat=True)
-            log(f"exported to {cfg.export_dir}: python chat.py --model {cfg.export_dir}, or transformers")
+            writes.write(cfg.max_steps, save_pretrained, raw_model, cfg.export_dir, chat=True)
+            if not writes.failed:
+                log(f"exported to {cfg.export_dir}: python chat.py --model {cfg.export_dir}, or transformers")
+        writes.agreed(device)
 
     if start_step >= cfg.max_steps:
         log(f"{resume_path} is at step {start_step}, max_steps is {cfg.max_steps}: nothing to do")
@@ -552,19 +558,23 @@ def train(cfg, d):
                     "train_conversations": len(train_rows), "val_conversations": len(val_rows),
                     "autocast_dtype": str(autocast_dtype) if autocast_dtype else "float32"}
         print(json.dumps(resolved, indent=2))
-        log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
+        log_path = writes.write(start_step, prepare_log_dir, cfg.log_dir, start_step, resolved)
+
+    def record(step, kind, value, fmt):
+        if d.master:
+            writes.write(step, append_log, log_path, step, kind, value, fmt)
 
     def save(step):
-        return save_run_checkpoint(cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master, log=log,
-                                   raw_model=raw_model, optimizer=optimizer, loader=loader, train_config=train_config,
-                                   device=device)
+        return writes.write(step, save_run_checkpoint, cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master,
+                            log=log, raw_model=raw_model, optimizer=optimizer, loader=loader,
+                            train_config=train_config, device=device)
 
     epochs = cfg.max_steps * cfg.total_batch_size / len(train_rows)
     log(f"total batch {cfg.total_batch_size} conversations = {cfg.batch_size} x {d.world_size} process(es) x "
         f"{grad_accum_steps} micro-steps; {cfg.max_steps} steps ({epochs:.2f} epochs); "
         f"{raw_model.num_params():,} parameters on {device}")
     step_times = []
-    with StopSignal() as stop:  # SIGINT / SIGTERM: finish the step, save, exit
+    with StopSignal(writes) as stop:  # SIGINT / SIGTERM: finish the step, save, exit
         for step in range(start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # --- evaluations of the model after `step` optimizer steps: the first is the model before fine-tuning
@@ -577,14 +587,13 @@ def train(cfg, d):
                                              device=device, autocast_dtype=autocast_dtype, rank=d.rank,
                                              world_size=d.world_size)
                     log(f"step {step:5d} | val loss {val_loss:.4f} (on the assistant tokens)")
-                    if d.master:
-                        append_log(log_path, step, "val", val_loss, ".4f")
+                    record(step, "val", val_loss, ".4f")
                 if do_sample:
                     reply = sample_reply(raw_model, cfg.sample_prompt, cfg.sample_length, device, autocast_dtype)
                     log(f"step {step:5d} | sample: {cfg.sample_prompt!r} -> {reply!r}")
                 raw_model.train()
                 # a stop asked for during the evals: saved now, not after another step (schedulers kill 30 s on)
-                if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d):
+                if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d, device):
                     return code
             if step > start_step and (last or cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                 save(step)
@@ -605,8 +614,7 @@ def train(cfg, d):
             progress, eta = step_progress(step, cfg.max_steps, step_times)
             log(f"step {progress} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | {dt * 1000:.1f} ms | "
                 f"{cfg.total_batch_size / dt:.1f} conversations/s | {eta}")
-            if d.master:
-                append_log(log_path, step, "train", loss, ".6f")
+            record(step, "train", loss, ".6f")
             if code := stop.stop_after(step, save, SCRIPT, device, d):  # SIGINT / SIGTERM on any rank
                 return code
     steady = step_times[1:] or step_times  # the first step includes torch.compile's work and warm-up

@@ -16,7 +16,7 @@ import zipfile
 
 import torch
 
-from files import atomic_write
+from files import WriteError, atomic_write
 from model import GPT, GPTConfig
 from options import ConfigError
 
@@ -327,7 +327,29 @@ def prepare_log_dir(log_dir, start_step, resolved):
 
 
 def append_log(log_path, step, kind, value, fmt):
-    """One build-nanogpt log line, `{step} {kind} {value}`, appended and flushed at once: a kill loses at most the
-    line being written (and a resume drops an unfinished line)."""
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(f"{step} {kind} {value:{fmt}}\n")
+    """One build-nanogpt log line, `{step} {kind} {value}`, appended at once with one os.write: a kill loses at most
+    the line being written (and a resume drops an unfinished line). A write the file system refuses part way (a full
+    disk, a file-size limit) is cut back to the lines before it, and raises WriteError."""
+    line = f"{step} {kind} {value:{fmt}}\n".encode()
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise WriteError.of(log_path, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        rest = memoryview(line)
+        while rest:  # a short write (the limit reached mid-line) is retried, and then fails with the reason
+            rest = rest[os.write(fd, rest):]
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)  # no half line: the rerun appends after whole lines
+        raise WriteError.of(log_path, e) from None
+    finally:
+        os.close(fd)
+
+
+def failure_context(log_dir, step):
+    """What a WriteError at `step` adds: the checkpoint of log_dir a rerun continues from, the newest, whole by
+    construction (atomic_write)."""
+    found = list_checkpoints(log_dir)
+    return f"at step {step}; {f'the newest checkpoint, intact: {found[-1][1]}' if found else 'no checkpoint yet'}"

@@ -18,13 +18,16 @@ as in OpenAI's gpt2.
 """
 
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
 from checkpoints import load_model
+from files import WriteError
 from model import GPT2_VOCAB_SIZE, is_conv1d_weight
 from options import ConfigError, option, run
 from tokenizer import (ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, get_chat_encoding, get_encoding,
@@ -65,11 +68,22 @@ def save_pretrained(model, directory, chat=False):
     hf.load_state_dict({k: (v.t() if is_conv1d_weight(k) else v) for k, v in sd.items()}, strict=False)
     # write into a temporary sibling directory, then move each file into place: an interrupted export never
     # leaves a half-written model.safetensors under its real name
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
-        hf.save_pretrained(tmp)
-        save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
-        move_into(tmp, directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-export-") as tmp:
+            hf.save_pretrained(tmp)
+            save_hf_tokenizer(tmp, model_max_length=c.block_size, chat=chat)  # weights and tokenizer arrive together
+            move_into(tmp, directory)
+    except (OSError, SafetensorError) as e:  # a full disk, say: the files written so far are whole ones
+        if isinstance(e, OSError):
+            raise WriteError.of(directory, e) from e
+        raise WriteError(directory, safetensors_reason(e)) from e
+
+
+def safetensors_reason(error):
+    """The OS's words in safetensors' "Error while serializing: I/O error: File too large (os error 27)"."""
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", str(error))
+    return found.group(1) if found else str(error)
 
 
 # -----------------------------------------------------------------------------

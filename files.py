@@ -4,6 +4,7 @@
 """
 
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -19,20 +20,75 @@ REFERENCES = {
 }
 
 
+class WriteError(Exception):
+    """A file that could not be written (no space left, a file-size limit, a read-only or vanished directory, no
+    permission): its path and the operating system's reason, in its words. `context` (the step, the newest intact
+    checkpoint) is filled in by whoever knows it. Not an OSError: an OSError of reading (a download) is not this."""
+
+    FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, None)  # no space, a file-size limit, a quota, unknown
+
+    def __init__(self, path, reason, code=None):
+        super().__init__(path, reason)
+        self.path, self.reason, self.code, self.context = path, reason, code, ""
+
+    def __str__(self):
+        context = f" {self.context}" if self.context else ""
+        todo = "free space" if self.code in self.FULL else "make it writable"  # a vanished or read-only directory
+        return f"cannot write {self.path} ({self.reason}){context}; {todo} and run the same command again"
+
+    @classmethod
+    def of(cls, path, error):
+        """The WriteError of path for an OSError, in the operating system's words ("No space left on device")."""
+        return cls(path, error.strerror or str(error), error.errno)
+
+
+class _RecordingFile:
+    """A file whose write() remembers the OSError it raised: torch.save's zip writer replaces that error by its own
+    RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ..."), which says nothing of the cause.
+    Not a real file to numpy either: np.save writes through write() and sees every error, where its tofile() on a
+    real file wrote a shard cut short at a file-size limit without a word."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def atomic_write(path, write, tmp=None):
     """write(file) into a temporary file next to path (named tmp, default .NAME.tmp), then rename it to path: a kill
-    at any moment leaves the old file or the new one, never half of one. The temporary file goes if write fails."""
+    at any moment leaves the old file or the new one, never half of one. The temporary file goes if write fails.
+    Raises WriteError naming path when the file system refuses the file (creating, writing, syncing or renaming it);
+    any other error of write(file) passes as it is."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, tmp or f".{os.path.basename(path)}.tmp")
+    passing = None  # an error of write() itself, not of the file (a download's): raised as it is
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
+        with open(tmp, "wb") as raw:
+            f = _RecordingFile(raw)
+            try:
+                write(f)
+            except BaseException as e:
+                if f.error is None:
+                    passing = e
+                    raise
+                # whatever write() made of it (torch: a RuntimeError), the cause is the file system's refusal
+                raise WriteError.of(path, f.error) from e
+            raw.flush()
+            os.fsync(raw.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e is not passing:  # creating, flushing, syncing or renaming the file
+            raise WriteError.of(path, e) from e
         raise
     with contextlib.suppress(OSError):  # the rename itself, on disk (where a directory can be opened)
         fd = os.open(directory, os.O_RDONLY)

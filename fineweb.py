@@ -29,7 +29,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from files import SHARD_PREFIX, JSONLinesError, atomic_write, hub_offline, jsonl_records, shard_filename
+from files import SHARD_PREFIX, JSONLinesError, WriteError, atomic_write, hub_offline, jsonl_records, shard_filename
 from options import ConfigError, at_least, option, parse, run
 
 SCRIPT = os.path.basename(__file__)
@@ -44,6 +44,7 @@ MANIFEST = "fineweb_manifest.json"
 # The one temporary file (shards and manifest are written one at a time). Its name holds neither "train" nor "val"
 # nor ".npy", so no shard loader picks it up, and a rerun deletes it.
 PARTIAL = ".fineweb-partial.tmp"
+RERUN = "free space and run the same command again"
 MANIFEST_FORMAT = 1                   # bump when the meaning of the manifest or of the shards changes
 # train_gpt2.py's defaults, copied rather than imported (it imports torch, and every spawn worker re-imports this file):
 # --val_tokens 10,485,760 = 160 micro-batches of --batch_size 64 x --block_size 1024 tokens. The val shard must hold
@@ -350,11 +351,14 @@ def fill_shards(batches, sizes, doc=0, offset=0):
 
 def save_atomic(path, write):
     """files.atomic_write under our one temporary name (a kill -9 leaves it to the next run to delete). A write error
-    may name no file ("No space left on device"): the DataError names the one meant."""
+    may name no file ("No space left on device"): the DataError names the one meant, and the way on (the rerun
+    continues after the complete shards the manifest lists)."""
     try:
         atomic_write(path, write, tmp=PARTIAL)
+    except WriteError as e:
+        raise DataError(f"{path}: cannot write ({e.reason}); {RERUN}") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise DataError(f"{path}: cannot write ({e.strerror or e}); {RERUN}") from None
 
 
 def write_manifest(out_dir, manifest):
@@ -492,7 +496,8 @@ def write_shards(texts, out_dir, identity, done, num_proc, num_docs=None, progre
             bar.update(len(tokens))
             yield tokens, lengths
 
-    with contextlib.closing(tokenize_texts(texts, num_proc)) as batches:  # closing it stops the workers, even on error
+    # closing the tokenizer stops the workers, and closing the bar ends its line, even on error: the error's own line
+    with contextlib.closing(tokenize_texts(texts, num_proc)) as batches, contextlib.closing(bar):
         shards = fill_shards(counted(batches), sizes, doc, offset)
         for index, (tokens, end) in enumerate(shards, start=len(done)):
             name = shard_filename(index)
@@ -500,7 +505,6 @@ def write_shards(texts, out_dir, identity, done, num_proc, num_docs=None, progre
             manifest["shards"].append({"file": name, "tokens": int(len(tokens)), "end": [int(end[0]), int(end[1])]})
             write_manifest(out_dir, manifest)
             bar.set_postfix(shards=index + 1)
-    bar.close()
     documents = manifest["shards"][-1]["end"][0] if manifest["shards"] else 0
     if num_docs is not None and documents != num_docs:
         raise DataError(f"read {documents:,} documents but counted {num_docs:,} before: the input changed")

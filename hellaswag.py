@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoints import load_model
-from files import JSONLinesError, atomic_write, jsonl_records
+from files import JSONLinesError, WriteError, atomic_write, jsonl_records
 from model import GPT2_VOCAB_SIZE
 from options import ConfigError, at_least, option, run
 from runtime import autocast, get_device
@@ -60,8 +60,12 @@ class HellaSwagResult:
 
 def download(url, path, chunk_size=1 << 20, data_option="--data FILE"):
     """Fetch url into path atomically (files.atomic_write): an interrupted download leaves no truncated file.
-    data_option: the calling command's own option for a local copy, which a failed download tells the user to pass."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    data_option: the calling command's own option for a local copy, which a failed download tells the user to pass.
+    Raises HellaSwagError if the download fails, WriteError if the file cannot be written (a full disk, say)."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as e:
+        raise WriteError.of(path, e) from None
 
     def write(f):
         with urllib.request.urlopen(url, timeout=60) as resp:
@@ -75,7 +79,7 @@ def download(url, path, chunk_size=1 << 20, data_option="--data FILE"):
                 raise OSError(f"got {f.tell()} of {total} bytes")
 
     try:
-        atomic_write(path, write)
+        atomic_write(path, write)  # a WriteError passes: the network is fine, the disk is not
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, a cut, a bad URL
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download {url}: {reason}; "
@@ -92,7 +96,7 @@ def fetch(url, cache_dir, data_option="--data FILE"):
     if not os.path.exists(path) and (not distributed or dist.get_rank() == 0):
         try:
             download(url, path, data_option=data_option)
-        except HellaSwagError as e:
+        except (HellaSwagError, WriteError) as e:
             error = e  # reach the barrier anyway: the other ranks must not wait forever
     if distributed:
         dist.barrier()

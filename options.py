@@ -10,6 +10,8 @@ import dataclasses
 import sys
 import textwrap
 
+from files import WriteError
+
 HELP_WIDTH = 116  # --help's lines, wrapped
 
 
@@ -37,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 def run(script, doc, config_class, argv, work, errors=(), read=None):
     """A command's main(): --help (exit code 0), or work(its options) -> the exit code (None: 0), the options read from
     argv by read(argv) (default: parse's config); a ConfigError or one of errors is one line `SCRIPT: error: ...` and
-    exit code 2."""
+    exit code 2, a file that could not be written (files.WriteError) one line and exit code 1."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(help_text(config_class, script, doc))
@@ -47,6 +49,9 @@ def run(script, doc, config_class, argv, work, errors=(), read=None):
     except (ConfigError, *errors) as e:
         print(f"{script}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except WriteError as e:  # a full disk, say: the command's files are whole or absent, a rerun does the rest
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def parse(config_class, argv):

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from files import REFERENCES, atomic_write
+from files import REFERENCES, WriteError, atomic_write
 from options import option, run
 
 HELLASWAG_CHANCE = 0.25  # four endings to choose from
@@ -151,6 +151,8 @@ def plot(runs, labels, output, title):
     fig.tight_layout()
     try:  # a kill mid-savefig leaves the previous plot, never half a PNG
         atomic_write(output, lambda f: fig.savefig(f, format="png", dpi=100))
+    except WriteError as e:
+        raise PlotError(f"{output}: cannot write the plot ({e.reason})") from None
     except OSError as e:
         raise PlotError(f"{output}: cannot write the plot ({e.strerror or e})") from None
     finally:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from files import WriteError
 from options import ConfigError
 
 
@@ -69,8 +70,9 @@ class StopSignal:
 
     SIGNALS, REPEAT_AFTER = (signal.SIGINT, signal.SIGTERM), 1.0  # seconds: a later SIGINT is a second Ctrl-C
 
-    def __init__(self):
+    def __init__(self, writes=None):
         self.signum, self.first_at, self.previous = 0, 0.0, {}  # the first signal received (0: none), when
+        self.writes = writes or Writes(ddp=False)  # its failure travels in the same all-reduce as the signal
 
     def __enter__(self):
         self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
@@ -90,46 +92,101 @@ class StopSignal:
         """After optimizer step `step` (0-based): if a stop was asked for on any rank, save the state of step + 1 steps
         done (save(step) returns the checkpoint's path), say so in one line and return the exit code, 128 + the
         signal's number (the shell's code for "ended by this signal"); else 0. Collective, as agreed()."""
-        return self.stop_at(step + 1, save, script, self.agreed(device, d.ddp), d)
+        return self.stop_at(step + 1, save, script, self.agreed(device, d.ddp), d, device)
 
-    def stop_at(self, steps_done, save, script, signum, d):
+    def stop_at(self, steps_done, save, script, signum, d, device):
         """With signum (agreed()'s) set: save the state of steps_done steps, say so in one line and return the exit
         code, 128 + signum; with signum 0, return 0. The evals' stop uses it too: they stop at steps_done, unsaved."""
         if not signum:
             return 0
         path = save(steps_done)
+        self.writes.agreed(device)  # not "saved" if rank 0 could not
         if d.master:
             print(f"{script}: stopped at step {steps_done} ({signal.Signals(signum).name}); saved {path}; run the "
                   "same command to continue", file=sys.stderr, flush=True)
         return 128 + signum
 
     def flags(self, device):
-        """[SIGINT received, SIGTERM received] on device, to be summed over the ranks (train_step's also_reduce).
-        Filled by kernels, not copied from the host: a pageable host-to-device copy would wait for the device."""
-        flags = torch.zeros(len(self.SIGNALS), device=device)
+        """[SIGINT received, SIGTERM received, rank 0's writes failed] on device, to be summed over the ranks
+        (train_step's also_reduce). Filled by kernels, not copied from the host: a pageable host-to-device copy would
+        wait for the device."""
+        flags = torch.zeros(len(self.SIGNALS) + 1, device=device)
         if self.signum:
             flags[self.SIGNALS.index(self.signum)].fill_(1.0)
+        if self.writes.failed:
+            flags[-1].fill_(1.0)
         return flags
 
-    @classmethod
-    def from_flags(cls, flags):
-        """The signal number of flags summed over the ranks (SIGTERM over SIGINT, as agreed()'s MAX), or 0."""
-        received = [signum for signum, n in zip(cls.SIGNALS, flags.tolist()) if n > 0]
-        return max(received, default=0)
+    def from_flags(self, flags):
+        """The signal number of flags summed over the ranks (SIGTERM over SIGINT, as agreed()'s MAX), or 0; every
+        rank stops (Writes.stop) if rank 0's writes failed."""
+        *received, failed = flags.tolist()
+        if failed:
+            self.writes.stop()
+        return max((signum for signum, n in zip(self.SIGNALS, received) if n > 0), default=0)
 
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
         the same step. Collective in a distributed run (every rank calls it after every step)."""
         if not ddp:
             return self.signum
-        flag = torch.tensor([self.signum], device=device)
+        flag = torch.tensor([self.signum, self.writes.failed], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        signum, failed = flag.tolist()
+        if failed:
+            self.writes.stop()
+        return signum
+
+
+class PeerWriteError(Exception):
+    """Raised on the ranks that write nothing when rank 0 could not write a file: they stop too (rank 0 says why)."""
+
+
+class Writes:
+    """Rank 0's writes (checkpoints, log lines, config.json, an export): a WriteError there must stop every rank, not
+    leave the others waiting in the next collective for ever. One process: it is raised at once. Distributed: it is
+    held, the writes after it are skipped, and every rank learns of it at the next agreement (StopSignal.agreed, or
+    agreed() here), where all stop: rank 0 with the WriteError, the others with PeerWriteError."""
+
+    def __init__(self, ddp, context=None):
+        self.ddp, self.error = ddp, None
+        self.context = context  # context(step): what a failure at step adds to its line (the newest checkpoint)
+
+    @property
+    def failed(self):
+        return int(self.error is not None)
+
+    def write(self, step, fn, *args, **kwargs):
+        """fn(*args, **kwargs), the writes at `step`, unless an earlier write failed (None then)."""
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except WriteError as e:
+            if self.context and not e.context:
+                e.context = self.context(step)
+            if not self.ddp:
+                raise
+            self.error = e
+            return None
+
+    def agreed(self, device):
+        """Stop every rank if rank 0's writes failed. Collective in a distributed run."""
+        if not self.ddp:
+            return
+        flag = torch.tensor([self.failed], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.stop()
+
+    def stop(self):
+        raise self.error if self.error is not None else PeerWriteError()
 
 
 def script_main(script, d, work):
     """A training script's main() around work(), which returns the exit code: a ConfigError is one line and exit code
-    2; a Ctrl-C before training (or a second one) one line and 130; the ranks leave the process group together."""
+    2; a file that could not be written (WriteError) one line and 1; a Ctrl-C before training (or a second one) one
+    line and 130; the ranks leave the process group together."""
     together = False
     try:
         code = work()
@@ -139,6 +196,11 @@ def script_main(script, d, work):
         if d.master or e.every_rank:
             print(f"{script}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except WriteError as e:  # a full disk, say: nothing half-written is left, the rerun continues from a checkpoint
+        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except PeerWriteError:  # rank 0 could not write a file and said so
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: stop at once, nothing saved
         if d.master:
             print(f"\n{script}: interrupted, nothing saved since the last checkpoint; run the same command to "

@@ -26,15 +26,16 @@ import torch
 import torch.distributed as dist
 
 import hellaswag
-from checkpoints import (append_log, compare_configs, find_checkpoint, load_optimizer_state, locked_run_dir,
-                         model_from_checkpoint, pretrained_weights, prepare_log_dir, save_run_checkpoint, set_rng_state)
+from checkpoints import (append_log, compare_configs, failure_context, find_checkpoint, load_optimizer_state,
+                         locked_run_dir, model_from_checkpoint, pretrained_weights, prepare_log_dir,
+                         save_run_checkpoint, set_rng_state)
 from files import REFERENCES, shard_pattern
 from guards import check_config, check_finite, check_same_step, check_start, fit_micro_batch, model_config
 from model import GPT, PADDED_VOCAB_SIZE
 from optim import configure_optimizers, get_lr, train_step
 from options import ConfigError, help_text, option, parse
-from runtime import (StopSignal, autocast, dist_from_env, get_device, init_distributed, peak_flops, peak_memory_bytes,
-                     script_main, setup_precision, step_progress, wrap_ddp)
+from runtime import (StopSignal, Writes, autocast, dist_from_env, get_device, init_distributed, peak_flops,
+                     peak_memory_bytes, script_main, setup_precision, step_progress, wrap_ddp)
 
 SCRIPT = "train_gpt2.py"
 MAKE_SHARDS = "make them with `python fineweb.py`"
@@ -441,24 +442,28 @@ def train(cfg, d):
         resume(checkpoint, resume_path, loader, cfg, device, log)
         del checkpoint  # the optimizer and model hold copies; free ~3x the model's size of host memory
     enc = tiktoken.get_encoding("gpt2") if cfg.sample_every else None
-    log_path, wandb = start_log(s, d, start_step) if d.master else (None, None)
+    # rank 0's files: one that cannot be written (a full disk) stops every rank, one line naming the last checkpoint
+    writes = Writes(d.ddp, context=lambda step: failure_context(cfg.log_dir, step))
+    log_path, wandb = None, None
+    if d.master:
+        log_path, wandb = writes.write(start_step, start_log, s, d, start_step) or (None, None)
 
     def record(step, kind, value, fmt, **extra):
         if d.master:
-            append_log(log_path, step, kind, value, fmt)
+            writes.write(step, append_log, log_path, step, kind, value, fmt)
             if wandb:
                 wandb.log({kind: value, **extra}, step=step)
 
     def save(step):
-        return save_run_checkpoint(cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master, log=log,
-                                   raw_model=raw_model, optimizer=s.optimizer, loader=loader,
-                                   train_config=dataclasses.asdict(cfg), device=device)
+        return writes.write(step, save_run_checkpoint, cfg.log_dir, step, keep=cfg.keep_checkpoints, master=d.master,
+                            log=log, raw_model=raw_model, optimizer=s.optimizer, loader=loader,
+                            train_config=dataclasses.asdict(cfg), device=device)
 
     flops_per_token, peak = raw_model.flops_per_token(cfg.block_size), peak_flops(device)
     step_times = []  # seconds of each train step of this process (evals and checkpoints excluded)
     log(f"total batch {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.block_size} x {d.world_size} "
         f"process(es) x {s.grad_accum_steps} micro-steps; {raw_model.num_params():,} parameters on {device}")
-    with StopSignal() as stop:  # SIGINT / SIGTERM: finish the step, save, exit
+    with StopSignal(writes) as stop:  # SIGINT / SIGTERM: finish the step, save, exit
         for step in range(start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # --- evaluations of the model as it is after `step` optimizer steps
@@ -468,7 +473,7 @@ def train(cfg, d):
                 run_evals(s, d, step, due_now, val_stream, examples, enc, log, record,
                           stopping=lambda: stop.agreed(device, d.ddp))
                 # a stop asked for during the evals: the state of `step` steps saved now, the evals rerun on resume
-                if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d):
+                if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d, device):
                     return code
             # --- checkpoint (not at the step just resumed from: that checkpoint exists); the last step's always
             if step > start_step and (last or due(step, cfg.checkpoint_every, last)):
@@ -499,9 +504,10 @@ def train(cfg, d):
                 f" | {eta}")
             record(step, "train", loss, ".6f", lr=lr, grad_norm=grad_norm, tokens_per_sec=tokens_per_sec)
             # --- a stop request (any rank's): the state after this step is saved, a rerun continues from it
-            signum = StopSignal.from_flags(flags) if d.ddp else stop.signum  # the same on every rank
-            if code := stop.stop_at(step + 1, save, SCRIPT, signum, d):
+            signum = stop.from_flags(flags) if d.ddp else stop.signum  # the same on every rank
+            if code := stop.stop_at(step + 1, save, SCRIPT, signum, d, device):
                 return code
+    writes.agreed(device)  # the last checkpoint written on rank 0, or every rank stops with its error
     log(speed_summary(step_times, cfg.total_batch_size, flops_per_token, peak, d.world_size, device))
     if wandb:
         wandb.finish()

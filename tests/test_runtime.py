@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import files
 import runtime
 from options import ConfigError
 
@@ -58,17 +59,25 @@ def test_stop_signal_first_requests_second_ctrl_c_interrupts(monkeypatch):
 
 
 def test_stop_flags_summed_over_ranks():
-    """Under DDP the stop request rides on the loss's all-reduce as [SIGINT, SIGTERM] counts: their sum over ranks
-    gives every rank the same signal, SIGTERM over SIGINT as agreed()'s MAX."""
+    """Under DDP the stop request rides on the loss's all-reduce as [SIGINT, SIGTERM, write failed] counts: their sum
+    over ranks gives every rank the same signal, SIGTERM over SIGINT as agreed()'s MAX, and a failure of rank 0's
+    writes stops every rank."""
     import signal
 
     cpu, stops = torch.device("cpu"), [runtime.StopSignal() for _ in range(3)]
     stops[1].signum, stops[2].signum = signal.SIGINT, signal.SIGTERM
     flags = [stop.flags(cpu) for stop in stops]
-    assert [f.tolist() for f in flags] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
-    assert runtime.StopSignal.from_flags(flags[0]) == 0
-    assert runtime.StopSignal.from_flags(flags[0] + flags[1]) == signal.SIGINT
-    assert runtime.StopSignal.from_flags(sum(flags)) == signal.SIGTERM
+    assert [f.tolist() for f in flags] == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    assert stops[0].from_flags(flags[0]) == 0
+    assert stops[0].from_flags(flags[0] + flags[1]) == signal.SIGINT
+    assert stops[0].from_flags(sum(flags)) == signal.SIGTERM
+    failed = runtime.StopSignal(runtime.Writes(ddp=True))
+    failed.writes.error = files.WriteError("log/model_00010.pt", "No space left on device")
+    assert failed.flags(cpu).tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(files.WriteError):
+        failed.from_flags(failed.flags(cpu))  # rank 0 stops with its error
+    with pytest.raises(runtime.PeerWriteError):
+        stops[0].from_flags(flags[0] + failed.flags(cpu))  # and every other rank too
 
 
 def test_ddp_wrapper_options(tmp_path):
