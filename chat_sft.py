@@ -54,7 +54,7 @@ from export import save_pretrained
 from files import JSONLinesError, hub_offline, jsonl_records
 from guards import check_finite, check_ranges, check_same_step
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
-from optim import adamw, get_lr, train_step
+from optim import adamw, due, get_lr, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, Writes, autocast, dist_from_env, get_device, init_distributed, script_main,
                      setup_precision, step_progress, wrap_ddp)
@@ -578,8 +578,8 @@ def train(cfg, d):
         for step in range(start_step, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # --- evaluations of the model after `step` optimizer steps: the first is the model before fine-tuning
-            do_val = bool(val_rows) and cfg.val_every > 0 and (step % cfg.val_every == 0 or last)
-            do_sample = d.master and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last)
+            do_val = bool(val_rows) and due(step, cfg.val_every, last)
+            do_sample = d.master and due(step, cfg.sample_every, last)
             if do_val or do_sample:
                 raw_model.eval()  # eager: the evals' shapes vary, a compiled model would recompile
                 if do_val:
@@ -595,7 +595,7 @@ def train(cfg, d):
                 # a stop asked for during the evals: saved now, not after another step (schedulers kill 30 s on)
                 if code := stop.stop_at(step, save, SCRIPT, stop.agreed(device, d.ddp), d, device):
                     return code
-            if step > start_step and (last or cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+            if step > start_step and (last or due(step, cfg.checkpoint_every, last)):
                 save(step)
             if last:
                 break

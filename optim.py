@@ -179,6 +179,11 @@ def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", 
     return min_lr + coeff * (max_lr - min_lr)
 
 
+def due(step, every, last):
+    """Whether a periodic task (every N steps, 0: never) runs at step: at its multiples and at the last step."""
+    return every > 0 and (step % every == 0 or last)
+
+
 def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None):
     """One optimizer step over the micro-batches [(x, y), ...] (each (B, T) on the model's device), model wrapped in
     DistributedDataParallel when ddp. Returns (loss, grad_norm), 0-dim device tensors: the mean loss over all

@@ -32,7 +32,7 @@ from checkpoints import (append_log, compare_configs, failure_context, find_chec
 from files import REFERENCES, shard_pattern
 from guards import check_config, check_finite, check_same_step, check_start, fit_micro_batch, model_config
 from model import GPT, PADDED_VOCAB_SIZE
-from optim import configure_optimizers, get_lr, train_step
+from optim import configure_optimizers, due, get_lr, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, Writes, autocast, dist_from_env, get_device, init_distributed, peak_flops,
                      peak_memory_bytes, script_main, setup_precision, step_progress, wrap_ddp)
@@ -409,11 +409,6 @@ def setup(cfg, d, device, checkpoint=None, checkpoint_path=None, log=print):
 
 # -----------------------------------------------------------------------------
 # the run
-
-def due(step, every, last):
-    """Whether a periodic task (every N steps, 0: never) runs at step: at its multiples and at the last step."""
-    return every > 0 and (step % every == 0 or last)
-
 
 def format_mfu(flops_per_token, tokens_per_sec, peak, world_size):
     """Model FLOPs utilization: the FLOP/s the model's math needs over the GPUs' bf16 peak ("n/a" where unknown)."""
