@@ -112,15 +112,20 @@ def find_checkpoint(log_dir, resume, log=print):
     """(path, checkpoint) to resume from, or (None, None) for a fresh run: resume "auto" takes the newest checkpoint
     of log_dir that loads (none: a fresh run), a path takes that one, "" refuses a log_dir that holds checkpoints."""
     existing = list_checkpoints(log_dir)
-    if resume == "auto" and existing:
-        path, checkpoint, existing = newest_loadable(log_dir, existing, log)
-    elif resume and resume != "auto":
+    if not existing and resume in ("auto", ""):
+        return None, None
+    return resumed_checkpoint(log_dir, resume, existing, log)
+
+
+def resumed_checkpoint(log_dir, resume, existing, log):
+    """find_checkpoint's answer where log_dir holds checkpoints or resume names one."""
+    if resume not in ("auto", ""):
         path, checkpoint = resume, load_checkpoint(resume)
-    elif existing and not resume:
+    elif resume == "auto":
+        path, checkpoint, existing = newest_loadable(log_dir, existing, log)
+    else:
         raise ConfigError(f"log_dir {log_dir} already holds checkpoints ({os.path.basename(existing[-1][1])}): "
                           "continue with --resume=auto, or pick another --log_dir")
-    else:
-        return None, None
     if any(step > checkpoint["step"] for step, _ in existing):
         raise ConfigError(f"log_dir {log_dir} holds checkpoints newer than step {checkpoint['step']} of {path}: "
                           "move them away or pick another --log_dir (a resumed run would mix two histories)")
@@ -149,11 +154,9 @@ def newest_loadable(log_dir, existing, log):
 
 @contextlib.contextmanager
 def locked_run_dir(log_dir):
-    """Create log_dir and hold a lock on it while the block runs: a second run into it (every log line twice, the
-    first run's checkpoints overwritten) is refused in one line naming the holder. The kernel's flock on the
-    directory itself, no lock file: released however its process ends (kill -9, a lost node), never stale.
-    The directories it creates are removed again if they are still empty when the block ends (a run that failed
-    before writing anything: a missing data dir, no network), so that a run that never started leaves nothing."""
+    """Create log_dir and hold a lock on it while the block runs: a second run into it is refused in one line naming
+    the holder. The kernel's flock on the directory, no lock file: released however the process ends, never stale.
+    The directories it created go again if still empty at the end: a run that never started leaves nothing."""
     created = missing_dirs(log_dir)
     try:
         os.makedirs(log_dir, exist_ok=True)
@@ -311,9 +314,8 @@ def read_log_lines(path, before_step):
 
 
 def prepare_log_dir(log_dir, start_step, resolved):
-    """Create log_dir, drop half-written checkpoints, write config.json, and cut log.txt back to the lines before
-    start_step (a resumed run redoes everything from start_step on, that step's evals included: no duplicates).
-    Returns the path of log.txt."""
+    """log_dir with config.json written, half-written checkpoints gone and log.txt cut back to the lines before
+    start_step (a resumed run redoes that step's evals: no duplicates). Returns log.txt's path."""
     os.makedirs(log_dir, exist_ok=True)
     for name in os.listdir(log_dir):  # what a kill during a save left (as large as a whole checkpoint)
         if PARTIAL_RE.match(name):
@@ -321,7 +323,7 @@ def prepare_log_dir(log_dir, start_step, resolved):
     text = json.dumps(resolved, indent=2) + "\n"
     atomic_write(os.path.join(log_dir, "config.json"), lambda f: f.write(text.encode()))
     log_path = os.path.join(log_dir, "log.txt")
-    kept = read_log_lines(log_path, start_step)
+    kept = read_log_lines(log_path, start_step) if start_step else []  # a fresh run starts an empty log
     atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
     return log_path
 

@@ -43,10 +43,8 @@ class WriteError(Exception):
 
 
 class _RecordingFile:
-    """A file whose write() remembers the OSError it raised: torch.save's zip writer replaces that error by its own
-    RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ..."), which says nothing of the cause.
-    Not a real file to numpy either: np.save writes through write() and sees every error, where its tofile() on a
-    real file wrote a shard cut short at a file-size limit without a word."""
+    """A file whose write() remembers its OSError: torch.save's zip writer replaces it by a RuntimeError that says
+    nothing of the cause, and np.save on a real file can cut a shard short at a file-size limit without a word."""
 
     def __init__(self, f):
         self._f, self.error = f, None
@@ -63,10 +61,9 @@ class _RecordingFile:
 
 
 def atomic_write(path, write, tmp=None):
-    """write(file) into a temporary file next to path (named tmp, default .NAME.tmp), then rename it to path: a kill
-    at any moment leaves the old file or the new one, never half of one. The temporary file goes if write fails.
-    Raises WriteError naming path when the file system refuses the file (creating, writing, syncing or renaming it);
-    any other error of write(file) passes as it is."""
+    """write(file) into a temporary file next to path (tmp, default .NAME.tmp), then rename it to path: a kill leaves
+    the old file or the new one, never half of one. WriteError naming path when the file system refuses the file; any
+    other error of write(file) passes as it is."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, tmp or f".{os.path.basename(path)}.tmp")
     passing = None  # an error of write() itself, not of the file (a download's): raised as it is

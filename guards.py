@@ -4,6 +4,7 @@ against them, the micro-batch that fits in memory, the ranks' agreement, the sto
     python -c "import guards, train_gpt2; print(guards.batch_size_candidates(train_gpt2.TrainConfig(), 8))"
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -143,13 +144,12 @@ def check_finite(loss, grad_norm, step, log_dir, master, script):
 
 
 # -----------------------------------------------------------------------------
-# the micro-batch: the largest that fits, gradient accumulation making up total_batch_size. Out of memory, a GPU
-# raises OutOfMemoryError, so there trial steps decide; on cpu (the kernel's OOM killer) and mps the process dies
-# instead, so there an estimate is held against the memory available.
+# the micro-batch: the largest that fits, gradient accumulation making up total_batch_size. A GPU out of memory raises
+# OutOfMemoryError, so there trial steps decide; on cpu and mps the process dies instead (the kernel's OOM killer), so
+# there an estimate is held against the memory available.
 
 def splits_batch(cfg, world_size, batch_size):
-    """Whether micro-batches of batch_size sequences make up total_batch_size in whole micro-steps of every process
-    (and val_tokens in whole batches, where val is on)."""
+    """Whether batch_size sequences make up total_batch_size in whole micro-steps (and val_tokens in whole batches)."""
     return (cfg.total_batch_size % (batch_size * cfg.block_size * world_size) == 0
             and not (cfg.val_every and cfg.val_tokens % (batch_size * cfg.block_size)))
 
@@ -160,70 +160,72 @@ def batch_size_candidates(cfg, world_size):
 
 
 def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
-    """cfg with --batch_size=auto resolved for the ranks d: the largest candidate micro-batch that fits, a resumed
-    run's own tried first (another split of the same batch changes the losses in their last bits). On a GPU by trial
-    steps, on cpu and mps by train_memory_bytes against the memory available (start, the checkpoint or weights
-    loaded, counts as available: it is freed once in the model). The ranks take the smallest of their choices. Logs
-    the choice and why; ConfigError where not even one sequence fits."""
+    """cfg with --batch_size=auto resolved: the largest candidate that fits, a resumed run's own tried first (another
+    split of the batch changes the losses in their last bits); the ranks take the smallest choice. start: the
+    checkpoint or weights loaded. Logs the choice and why; ConfigError where not even one sequence fits."""
     T, config = cfg.block_size, checkpoint_config(start) if start else model_config(cfg)
-    with torch.device("meta"):  # the shapes alone: nothing is allocated
-        n_params = GPT(config).num_params()
     kept = start.get("train_config", {}).get("batch_size") if start else None
     first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
-    if device.type == "cuda":
-        # the trial is a whole step (AdamW's moments included); DDP's gradients are views of its buckets
-        # (gradient_as_bucket_view): 5% of the GPU is headroom for the allocator's fragmentation and the evals' shapes
-        reserve = torch.cuda.get_device_properties(device).total_memory // 20
-
-        def fits(b):
-            return fits_on_gpu(config, b, T, reserve, autocast_dtype, device)
-
-        def why_not(b):
-            return f"{b} ran out of GPU memory in a trial step"
-        too_large = f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved as headroom)"
-    else:
-        budget, where = memory_budget(device, extra=sum(tensor_storages(start).values()) if start else 0)
-
-        def need(b):
-            return train_memory_bytes(config, n_params, b, T, attention_matrix=device.type == "mps")
-
-        def fits(b):
-            return need(b) <= budget
-
-        def why_not(b):
-            return f"{b} would need ~{need(b) / GB:.1f} GB, {where}"
-        too_large = f"would need ~{need(1) / GB:.1f} GB, {where}"
-    chosen, rejected = largest_fitting(batch_size_candidates(cfg, d.world_size), fits, first)
-    own = chosen
-    if d.ddp:  # the ranks must cut the batch alike: all take the smallest choice (0: none fits on some rank)
-        smallest = torch.tensor(chosen or 0, device=device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        chosen = smallest.item() or None
+    measure = gpu_trial if device.type == "cuda" else memory_estimate
+    fits, why_not, why_fits = measure(config, T, device, autocast_dtype, start)
+    own, rejected = largest_fitting(batch_size_candidates(cfg, d.world_size), fits, first)
+    chosen = smallest_of_ranks(own, device) if d.ddp else own  # the ranks must cut the batch alike
     if chosen is None:
-        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens {too_large}; train a smaller model or "
-                          "shorter sequences (--block_size)")
-    if rejected:
-        why = why_not(rejected[-1])
-    elif device.type == "cuda":
-        why = "a trial step fits in GPU memory"
-    else:
-        why = f"needs ~{need(chosen) / GB:.1f} GB, {where}"
-    if chosen != own:
-        why += f"; another rank can take only {chosen}"
-    if kept is not None and chosen == kept:
-        why = "the checkpoint's, which still fits: the resume stays exact"
-    elif kept is not None:
-        why = (f"the checkpoint's {kept} {'no longer fits' if first else 'no longer splits the batch'}: the losses "
-               f"will differ from an unbroken run's in the last bits; {why}")
+        raise ConfigError(f"--batch_size=auto: even one sequence of {T} tokens {why_not(None)}; train a smaller model "
+                          "or shorter sequences (--block_size)")
+    why = f"{rejected[-1]} {why_not(rejected[-1])}" if rejected else why_fits(chosen)
+    why += f"; another rank can take only {chosen}" if chosen != own else ""
+    if kept is not None:
+        why = resumed_why(kept, first, chosen, why)
     log(f"micro-batch {chosen} (auto: {why}) x {cfg.total_batch_size // (chosen * T * d.world_size)} accumulation "
         "steps")
     return dataclasses.replace(cfg, batch_size=chosen)
 
 
+def smallest_of_ranks(batch_size, device):
+    """The smallest of the ranks' choices, None if one rank has none. Collective."""
+    smallest = torch.tensor(batch_size or 0, device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return smallest.item() or None
+
+
+def resumed_why(kept, first, chosen, why):
+    """Why a resumed run takes chosen, its checkpoint's micro-batch being kept (first: kept if it splits the batch)."""
+    if chosen == kept:
+        return "the checkpoint's, which still fits: the resume stays exact"
+    return (f"the checkpoint's {kept} {'no longer fits' if first else 'no longer splits the batch'}: the losses will "
+            f"differ from an unbroken run's in the last bits; {why}")
+
+
+def gpu_trial(config, T, device, autocast_dtype, start):
+    """(fits(b), why_not(b), why_fits(b)) by a trial step with 5% of the GPU held back: headroom for the allocator's
+    fragmentation and the evals' shapes."""
+    reserve = torch.cuda.get_device_properties(device).total_memory // 20
+
+    def why_not(b):
+        return ("ran out of GPU memory in a trial step" if b else
+                f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved as headroom)")
+    return (lambda b: fits_on_gpu(config, b, T, reserve, autocast_dtype, device), why_not,
+            lambda b: "a trial step fits in GPU memory")
+
+
+def memory_estimate(config, T, device, autocast_dtype, start):
+    """(fits(b), why_not(b), why_fits(b)) by train_memory_bytes against memory_budget; start (freed once it is in the
+    model) counts as available."""
+    budget, where = memory_budget(device, extra=sum(tensor_storages(start).values()) if start else 0)
+    with torch.device("meta"):  # the shapes alone: nothing is allocated
+        n_params = GPT(config).num_params()
+
+    def need(b):
+        return f"~{train_memory_bytes(config, n_params, b or 1, T, device.type == 'mps') / GB:.1f} GB, {where}"
+    return (lambda b: train_memory_bytes(config, n_params, b, T, device.type == "mps") <= budget,
+            lambda b: f"would need {need(b)}", lambda b: f"needs {need(b)}")
+
+
 def largest_fitting(candidates, fits, first=None):
-    """(the first size of candidates, largest first, for which fits(size) is true, or None; the sizes tried that did
-    not fit, in order). first (a resumed run's micro-batch) is tried before them, and if it does not fit, only the
-    smaller candidates: a size that fits is taken to make every smaller one fit."""
+    """(the first of candidates, largest first, that fits, or None; the sizes tried that did not). first (a resumed
+    run's) is tried before them, and if it does not fit, only the smaller ones: a size that fits is taken to make
+    every smaller one fit."""
     order = list(candidates) if first is None else [first] + [size for size in candidates if size < first]
     rejected = []
     for size in order:
@@ -233,33 +235,29 @@ def largest_fitting(candidates, fits, first=None):
     return None, rejected
 
 
-# what CUDA and its libraries say when memory runs out outside the caching allocator (which raises OutOfMemoryError):
-# cuBLAS handles and workspaces, lazily loaded kernels, cuDNN / attention workspaces near a full card
+# what CUDA and its libraries say when memory runs out outside the caching allocator (which raises OutOfMemoryError)
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                           "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "cudaErrorMemoryAllocation")
 
 
 def is_out_of_memory(error):
-    """Whether an exception from a trial step means the GPU's memory ran out: OutOfMemoryError, or a RuntimeError
-    (torch.AcceleratorError is one) whose message says so. Any other error is a bug, and propagates."""
+    """Whether a trial step's exception means the GPU ran out of memory; any other error is a bug, and propagates."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and any(m.lower() in str(error).lower() for m in OUT_OF_MEMORY_MESSAGES)
 
 
 def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, device):
-    """Whether training a GPT of config on micro-batches of batch_size sequences fits in the GPU's memory next to
-    reserve_bytes more (headroom): what a step is, on an eager model (torch.compile's needs no more) under the run's
-    autocast, with reserve_bytes held meanwhile. Two micro-steps, so that the second runs its forward with the first's
-    gradients held, then an AdamW step, which allocates the two moments (8 bytes a parameter; Muon's momentum is
-    less). Token 0 everywhere; everything it allocates is freed again."""
+    """Whether a training step of a GPT of config on batch_size sequences fits in the GPU next to reserve_bytes more:
+    two micro-steps (the second's forward with the first's gradients held) and an AdamW step (its two moments; Muon's
+    momentum is less), eager (torch.compile's needs no more). Everything it allocates is freed again."""
     reserve = model = optimizer = idx = loss = None
     try:
         reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         with torch.device(device):
             model = GPT(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda" or None)
-        idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # no RNG drawn
+        idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # token 0: no RNG drawn
         for _ in range(2):
             with autocast(device.type, autocast_dtype):
                 _, loss = model(idx, idx)
@@ -279,56 +277,48 @@ def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, d
 
 
 def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", cgroup_fs="/sys/fs/cgroup"):
-    """Bytes left under the memory limit of this process's cgroup (a container, a batch job), or None without a
-    limit: the limit less the usage, the inactive page cache not counted (the kernel drops it before it kills)."""
-    try:
-        with open(proc_cgroup) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
+    """Bytes left under this process's cgroup memory limit (a container, a batch job), or None without one: the limit
+    less the usage, the inactive page cache not counted (the kernel drops it before it kills)."""
     left = None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2
-            root, limit_file, usage_file, inactive_key = cgroup_fs, "memory.max", "memory.current", "inactive_file"
-        elif "memory" in controllers.split(","):  # cgroup v1
-            root, limit_file, usage_file, inactive_key = (os.path.join(cgroup_fs, "memory"), "memory.limit_in_bytes",
-                                                          "memory.usage_in_bytes", "total_inactive_file")
-        else:
-            continue
-        # the path is the cgroup as the host names it; inside a container, the container's own is mounted at the root
-        for directory in dict.fromkeys((root + path.rstrip("/"), root)):
-            try:
-                with open(os.path.join(directory, limit_file)) as f:
-                    limit = f.read().strip()
-                with open(os.path.join(directory, usage_file)) as f:
-                    usage = int(f.read())
-                with open(os.path.join(directory, "memory.stat")) as f:
-                    inactive = int(dict(line.split() for line in f).get(inactive_key, 0))
-                limit = None if limit == "max" else int(limit)
-            except (OSError, ValueError):
+    with contextlib.suppress(OSError):
+        for line in read_text(proc_cgroup).splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # v2
+                root, limit, usage, inactive = cgroup_fs, "memory.max", "memory.current", "inactive_file"
+            elif "memory" in controllers.split(","):  # v1
+                root, limit, usage, inactive = (os.path.join(cgroup_fs, "memory"), "memory.limit_in_bytes",
+                                                "memory.usage_in_bytes", "total_inactive_file")
+            else:
                 continue
-            if limit is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
-                here = limit - (usage - inactive)
-                left = here if left is None else min(left, here)
-            break
+            # the path is the cgroup as the host names it; in a container its own cgroup is mounted at the root
+            for directory in dict.fromkeys((root + path.rstrip("/"), root)):
+                try:
+                    stat = dict(line.split() for line in read_text(directory, "memory.stat").splitlines())
+                    text = read_text(directory, limit).strip()
+                    here = None if text == "max" else (int(text) - int(read_text(directory, usage))
+                                                       + int(stat.get(inactive, 0)))
+                except (OSError, ValueError):
+                    continue
+                if here is not None and int(text) < 2**60:  # v1 writes "no limit" as a huge number
+                    left = here if left is None else min(left, here)
+                break
     return left
 
 
-def available_memory(device):
-    """(bytes this process can still allocate on device, words that follow "N GB" to say where the figure comes
-    from), for cpu and mps.
+def read_text(*path):
+    with open(os.path.join(*path)) as f:
+        return f.read()
 
-    cpu: Linux's MemAvailable (free memory and the caches the kernel can drop), or what the cgroup's limit leaves where
-    that is less; off Linux, the physical memory (macOS compresses and swaps before it kills). mps: Metal's recommended
-    working set less what is allocated on it. Raises ConfigError where neither is known."""
+
+def available_memory(device):
+    """(bytes this process can still allocate on cpu or mps, where that figure comes from): Linux's MemAvailable or
+    what the cgroup's limit leaves, if less; the physical memory elsewhere; Metal's recommended working set on mps."""
     if torch.device(device).type == "mps":
         return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(),
                 "left of Metal's recommended working set")
     try:
-        with open("/proc/meminfo") as f:
-            info = {key: value.split() for key, value in (line.split(":", 1) for line in f)}
-        available, where = int(info["MemAvailable"][0]) * 1024, "available per /proc/meminfo"  # kB
+        info = dict(line.split(":", 1) for line in read_text("/proc/meminfo").splitlines())
+        available, where = int(info["MemAvailable"].split()[0]) * 1024, "available per /proc/meminfo"  # kB
     except (OSError, KeyError, ValueError):
         try:
             available, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of physical memory"
@@ -342,9 +332,8 @@ def available_memory(device):
 
 
 def memory_budget(device, extra=0):
-    """(bytes, description) that this process may plan to use on cpu / mps: available_memory, plus `extra` bytes it
-    holds now and frees before training, shared equally by the processes of a torchrun launch on this machine
-    (LOCAL_WORLD_SIZE), which draw on the same memory."""
+    """(bytes, description) this process may plan to use on cpu / mps: available_memory plus `extra` it holds now and
+    frees before training, shared by the processes of a torchrun launch on this machine (LOCAL_WORLD_SIZE)."""
     available, where = available_memory(device)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     text = f"{(available + extra) / GB:.1f} GB {where}"
@@ -354,8 +343,7 @@ def memory_budget(device, extra=0):
 
 
 def tensor_storages(obj):
-    """{address: bytes} of the storages of the tensors in nested dicts, lists and tuples (a loaded checkpoint): one
-    entry for a storage that several share (the tied wte / lm_head)."""
+    """{address: bytes} of the tensor storages in nested dicts, lists and tuples; shared ones (tied wte) once."""
     if isinstance(obj, torch.Tensor):
         return {obj.untyped_storage().data_ptr(): obj.untyped_storage().nbytes()}
     items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
@@ -363,19 +351,14 @@ def tensor_storages(obj):
 
 
 def train_memory_bytes(config, n_params, batch_size, block_size, attention_matrix=False):
-    """Estimated peak memory in bytes of training a GPT (config: a model.GPTConfig) of n_params parameters on
-    micro-batches of batch_size sequences of block_size tokens: fp32, eager, AdamW. An upper bound, for cpu and mps
-    (how it was calibrated: docs/training.md); attention_matrix: attention computes each head's (T, T) matrix (mps:
-    no flash kernel for training there). 24 bytes a parameter (weights, gradients, AdamW's moments and the step's
-    transients); per token, twice what each block keeps for backward, plus the head's logits and their gradients;
-    256 MiB for the runtime's workspaces."""
+    """An upper bound on the peak bytes of training a GPT of config (n_params parameters) on batch_size sequences of
+    block_size tokens, fp32, eager, AdamW (calibrated in docs/training.md): 24 bytes a parameter, twice what each block
+    keeps for backward a token, the head's logits and their gradients, 256 MiB of workspaces. attention_matrix: each
+    head's (T, T) softmax is stored (mps: no flash attention for training)."""
     C, V = config.n_embd, config.vocab_size
-    if config.mlp == "swiglu":
-        mlp = 4 * (-(-8 * C // (3 * 64)) * 64)  # model.MLP's hidden size: 8/3 C rounded up to a multiple of 64
-    else:
-        mlp = 8 * C
+    mlp = 4 * (-(-8 * C // (3 * 64)) * 64) if config.mlp == "swiglu" else 8 * C  # swiglu: model.MLP's hidden size
     block = 8 * C + mlp + (2 * C if config.qk_norm or config.pos_emb == "rope" else 0)
     if attention_matrix:
-        block += config.n_head * block_size  # each token's row of softmax(q k^T / sqrt(hs)), in every head
+        block += config.n_head * block_size
     head = 2 * C + (5 + (config.logit_softcap > 0)) * V
     return 24 * n_params + 4 * batch_size * block_size * (2 * config.n_layer * block + head) + 256 * 2**20

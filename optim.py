@@ -185,12 +185,9 @@ def due(step, every, last):
 
 
 def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None):
-    """One optimizer step over the micro-batches [(x, y), ...] (each (B, T) on the model's device), model wrapped in
-    DistributedDataParallel when ddp. Returns (loss, grad_norm), 0-dim device tensors: the mean loss over all
-    micro-batches of all ranks, and the gradient norm before clipping (grad_clip 0: none). Nothing here waits for
-    the device: call .item() when you need the numbers. also_reduce (ddp only): a 1-D float tensor on the device,
-    replaced by its sum over the ranks in the same all-reduce as the loss (the stop flags: no collective of their
-    own)."""
+    """One optimizer step over the micro-batches [(x, y), ...] -> (mean loss of all ranks, gradient norm before
+    clipping) as device tensors: nothing here waits for the device. also_reduce (ddp): a 1-D device tensor replaced by
+    its sum over the ranks, in the loss's all-reduce (the stop flags: no collective of their own)."""
     optimizer.zero_grad(set_to_none=True)
     grad_accum_steps = len(batches)
     loss_accum = torch.zeros((), device=batches[0][0].device)
@@ -201,10 +198,8 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast(device_type, autocast_dtype):
                 _, loss = model(x, y)
-            # The loss is the mean over one micro-batch's B*T tokens, and backward() adds each micro-step's
-            # gradient to .grad. The sum of grad_accum_steps means is grad_accum_steps times too large: dividing
-            # each loss by grad_accum_steps turns the sum into the mean over the whole batch, the gradient that a
-            # single batch of grad_accum_steps * B sequences would give.
+            # backward() adds each micro-step's gradient to .grad: dividing each micro-batch's mean loss by
+            # grad_accum_steps makes the sum the whole batch's mean, as one batch of grad_accum_steps * B gives
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()  # a device tensor: no host sync in the loop
             loss.backward()

@@ -52,10 +52,8 @@ def init_distributed(d, device):
 
 
 def wrap_ddp(model, d, device):
-    """model in DistributedDataParallel. gradient_as_bucket_view: the gradients are views of the all-reduce buckets,
-    no second copy of them and no copy in and out at every step. No buffer sync before each forward: the only buffers
-    are the rotary tables, computed identically on every rank, which DDP would otherwise broadcast from rank 0 (a
-    blocking collective) before every forward (forward_sync_buffers=False; broadcast_buffers=False on older torch)."""
+    """model in DistributedDataParallel: gradients as views of the all-reduce buckets (no second copy), and no buffer
+    broadcast before each forward (the only buffers, the rotary tables, are the same on every rank)."""
     newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
     return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
@@ -63,10 +61,8 @@ def wrap_ddp(model, d, device):
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (kill, preemption, a scheduler's time limit) inside the `with` block set a flag the
-    loop reads after each step, to save and exit; a second Ctrl-C raises KeyboardInterrupt at once. Not a second
-    SIGTERM, nor a SIGINT within a second of the first: torchrun forwards the signals it gets, so one Ctrl-C reaches
-    a worker twice."""
+    """SIGINT (Ctrl-C) and SIGTERM (preemption, a time limit) inside the `with` block set a flag the loop reads after
+    each step, to save and exit. A second Ctrl-C, a second or later, stops at once (torchrun forwards one twice)."""
 
     SIGNALS, REPEAT_AFTER = (signal.SIGINT, signal.SIGTERM), 1.0  # seconds: a later SIGINT is a second Ctrl-C
 
@@ -95,10 +91,10 @@ class StopSignal:
         return self.stop_at(step + 1, save, script, self.agreed(device, d.ddp), d, device)
 
     def stop_at(self, steps_done, save, script, signum, d, device):
-        """With signum (agreed()'s) set: save the state of steps_done steps, say so in one line and return the exit
-        code, 128 + signum; with signum 0, return 0. The evals' stop uses it too: they stop at steps_done, unsaved."""
-        if not signum:
-            return 0
+        """With signum (agreed()'s) set: save the state of steps_done steps, say so and return 128 + signum; else 0."""
+        return self.stop_now(steps_done, save, script, signum, d, device) if signum else 0
+
+    def stop_now(self, steps_done, save, script, signum, d, device):
         path = save(steps_done)
         self.writes.agreed(device)  # not "saved" if rank 0 could not
         if d.master:
@@ -128,8 +124,9 @@ class StopSignal:
     def agreed(self, device, ddp):
         """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
         the same step. Collective in a distributed run (every rank calls it after every step)."""
-        if not ddp:
-            return self.signum
+        return self.agreed_by_all(device) if ddp else self.signum
+
+    def agreed_by_all(self, device):
         flag = torch.tensor([self.signum, self.writes.failed], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum, failed = flag.tolist()
@@ -143,10 +140,9 @@ class PeerWriteError(Exception):
 
 
 class Writes:
-    """Rank 0's writes (checkpoints, log lines, config.json, an export): a WriteError there must stop every rank, not
-    leave the others waiting in the next collective for ever. One process: it is raised at once. Distributed: it is
-    held, the writes after it are skipped, and every rank learns of it at the next agreement (StopSignal.agreed, or
-    agreed() here), where all stop: rank 0 with the WriteError, the others with PeerWriteError."""
+    """Rank 0's writes: a WriteError there must stop every rank, not leave the others waiting in a collective. One
+    process: raised at once. Distributed: held, the writes after it skipped, and every rank stops at the next
+    agreement (StopSignal.agreed, agreed() here): rank 0 with the WriteError, the others with PeerWriteError."""
 
     def __init__(self, ddp, context=None):
         self.ddp, self.error = ddp, None
@@ -163,12 +159,15 @@ class Writes:
         try:
             return fn(*args, **kwargs)
         except WriteError as e:
-            if self.context and not e.context:
-                e.context = self.context(step)
-            if not self.ddp:
-                raise
-            self.error = e
-            return None
+            self.failed_at(step, e)
+
+    def failed_at(self, step, error):
+        """A write at step failed: raised at once in one process, held until the next agreement in a distributed run."""
+        if self.context and not error.context:
+            error.context = self.context(step)
+        if not self.ddp:
+            raise error
+        self.error = error
 
     def agreed(self, device):
         """Stop every rank if rank 0's writes failed. Collective in a distributed run."""
@@ -184,9 +183,8 @@ class Writes:
 
 
 def script_main(script, d, work):
-    """A training script's main() around work(), which returns the exit code: a ConfigError is one line and exit code
-    2; a file that could not be written (WriteError) one line and 1; a Ctrl-C before training (or a second one) one
-    line and 130; the ranks leave the process group together."""
+    """work()'s exit code; a ConfigError one line and 2, a WriteError one line and 1, a Ctrl-C before training (or a
+    second one) one line and 130; the ranks leave the process group together."""
     together = False
     try:
         code = work()
@@ -261,11 +259,8 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None)
 
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by substring of the device name (any
-# case); the first match wins, so the more specific names come first ("H200 NVL" before "H200"). GeForce cards run
-# bf16 with fp32 accumulation (what PyTorch's matmuls use) at half their fp16-accumulate rate: the figures are those.
-# The Ada and Ampere whitepapers give the 4090 (165.2), 4080 (97.5), 4080 12GB = 4070 Ti (80.2), 3090 (71) and 3080
-# (59.5); the other GeForce cards are the same tensor cores, scaled by NVIDIA's tensor-core counts and boost clocks.
+# Dense bf16 peak FLOP/s (fp32 accumulation on GeForce cards) by substring of the device name, the first match winning:
+# the more specific names first ("H200 NVL" before "H200"). Where each figure comes from: docs/speed.md.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
                    ("H200 NVL", 835e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
                    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
@@ -302,9 +297,8 @@ def peak_flops_of(name):
 # progress: the step lines' total and time left
 
 def step_progress(step, max_steps, step_times):
-    """("STEP/MAX", "ETA 3m12s") for the line of train step `step` (0-based, just done) of max_steps: the time left
-    is the mean step time so far times the steps left (the first step left out once there are others: it carries
-    torch.compile's work and warm-up; evals and checkpoints are not counted)."""
+    """("STEP/MAX", "ETA 3m12s") after step `step` (0-based): the mean step time times the steps left (the first step,
+    compile's and warm-up's, left out once there are others; evals and checkpoints not counted)."""
     steady = step_times[1:] or step_times
     left = max_steps - step - 1
     return f"{step:5d}/{max_steps}", f"ETA {format_duration(left * sum(steady) / len(steady))}"

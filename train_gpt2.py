@@ -240,10 +240,8 @@ class TrainLoader:
 
 
 def open_data(cfg):
-    """(train stream, val stream or None, HellaSwag examples): everything a run reads, opened and checked before
-    anything is built (a typo in --data_dir costs an option error's time, not a model's); the check that needs the
-    micro-batch, which --batch_size=auto resolves later, is check_data_fits. Every rank maps the shards; each reads
-    only its own chunks. Collective in a distributed run when HellaSwag is downloaded (hellaswag.fetch)."""
+    """(train stream, val stream or None, HellaSwag examples), opened and checked before anything is built: a typo in
+    --data_dir costs an option error's time, not a model's. Collective when HellaSwag is downloaded."""
     train_stream = TokenStream(cfg.data_dir, "train")
     val_stream = None
     if cfg.val_every:
@@ -368,9 +366,7 @@ class Setup:
 
 
 def start_ranks(cfg, d, checkpoint=None):
-    """The device of this rank (the local rank's GPU); under torchrun the process group joined and the ranks'
-    agreement on the step they resume checked. Cheap and silent: it comes before the data is read, whose download
-    (HellaSwag) is collective."""
+    """This rank's device; under torchrun the process group joined and the ranks' resumed step checked to agree."""
     device = get_device(cfg.device, d)
     if d.ddp:
         init_distributed(d, device)
@@ -379,9 +375,8 @@ def start_ranks(cfg, d, checkpoint=None):
 
 
 def setup(cfg, d, device, checkpoint=None, checkpoint_path=None, log=print):
-    """Everything a training step needs, for the ranks d on device: its precision, the model (the checkpoint's, with
-    its optimizer state, on resume), the micro-batch, the optimizer, torch.compile and the DDP wrapper. Raises
-    ConfigError."""
+    """Everything a training step needs: precision, the model (with its optimizer state on resume), the micro-batch,
+    the optimizer, torch.compile and the DDP wrapper."""
     autocast_dtype = setup_precision(device)
     # the weights the run starts from: the checkpoint's, GPT-2's (init_from), or None for a fresh init
     start = checkpoint or (pretrained_weights(cfg.init_from) if cfg.init_from != "scratch" else None)
@@ -529,13 +524,14 @@ def start_log(s, d, start_step):
                 "compile": s.model is not s.raw_model,
                 "autocast_dtype": str(s.autocast_dtype) if s.autocast_dtype else "float32"}
     print(json.dumps(resolved, indent=2))
-    log_path = prepare_log_dir(cfg.log_dir, start_step, resolved)
-    if not cfg.wandb_log:
-        return log_path, None
+    return prepare_log_dir(cfg.log_dir, start_step, resolved), start_wandb(cfg) if cfg.wandb_log else None
+
+
+def start_wandb(cfg):
     import wandb  # optional, imported only when asked for
 
     wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
-    return log_path, wandb
+    return wandb
 
 
 def speed_summary(step_times, tokens_per_step, flops_per_token, peak, world_size, device):
@@ -557,13 +553,17 @@ def run(cfg, d):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        fast = recipe_defaults("fast", TrainConfig())
-        print(help_text(TrainConfig, SCRIPT, __doc__) + "\n\n  --recipe=fast sets (for the default n_embd 768; the "
-              "AdamW lrs scale as (768 / n_embd) ** 0.5):\n    " +
-              " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
-        return 0
+        return print_help()
     d = dist_from_env()
     return script_main(SCRIPT, d, lambda: run(parse_config(argv), d))
+
+
+def print_help():
+    fast = recipe_defaults("fast", TrainConfig())
+    print(help_text(TrainConfig, SCRIPT, __doc__) + "\n\n  --recipe=fast sets (for the default n_embd 768; the AdamW "
+          "lrs scale as (768 / n_embd) ** 0.5):\n    " +
+          " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
+    return 0
 
 
 if __name__ == "__main__":
