@@ -21,9 +21,8 @@ REFERENCES = {
 
 
 class WriteError(Exception):
-    """A file that could not be written (no space left, a file-size limit, a read-only or vanished directory, no
-    permission): its path and the operating system's reason, in its words. `context` (the step, the newest intact
-    checkpoint) is filled in by whoever knows it. Not an OSError: an OSError of reading (a download) is not this."""
+    """A file that could not be written (no space, a file-size limit, a read-only directory): its path and the
+    system's reason; `context` (the step, the newest checkpoint) filled in by whoever knows it. Not an OSError."""
 
     FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, None)  # no space, a file-size limit, a quota, unknown
 
@@ -100,8 +99,8 @@ class JSONLinesError(ValueError):
 
 
 def jsonl_records(path):
-    """(where, record) for each non-blank line of a JSON Lines file, where "path:line". JSONLinesError for a line that
-    is not UTF-8 or not JSON (the file is read as bytes and decoded line by line to tell which)."""
+    """(where "path:line", record) for each non-blank line of a JSON Lines file; JSONLinesError for a line that is not
+    UTF-8 or not JSON."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"

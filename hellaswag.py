@@ -145,10 +145,9 @@ def parse_examples(path, limit=None):
 
 
 def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL, data_option="--data FILE"):
-    """HellaSwag examples (dicts with ctx, endings, label) from path, or, when path is None, from the validation split
-    downloaded once into cache_dir (default: hellaswag/ next to this file). Collective in a distributed run when
-    path is None (see fetch). Raises HellaSwagError with a "file:line: problem" message for bad data; a failed
-    download names data_option, the caller's option for a local copy (train_gpt2.py's is --hellaswag_data=FILE)."""
+    """HellaSwag examples (dicts: ctx, endings, label) from path, else the validation split downloaded once into
+    cache_dir (collective: fetch). HellaSwagError "file:line: problem" for bad data; a failed download names
+    data_option, the caller's option for a local copy."""
     if path is None:
         path = fetch(url, cache_dir or CACHE_DIR, data_option)
     return parse_examples(path, limit=limit)

@@ -16,8 +16,8 @@ HELP_WIDTH = 116  # --help's lines, wrapped
 
 
 class ConfigError(ValueError):
-    """What a user can fix (an option, a file, a setting): one line `SCRIPT: error: ...`, exit code 2. every_rank:
-    only one rank may see it (its own chunk of data), so every rank reports it."""
+    """What a user can fix: one line `SCRIPT: error: ...`, exit code 2. every_rank: one rank may be the only one to
+    see it (its own chunk of data), so every rank reports it."""
 
     def __init__(self, message, every_rank=False):
         super().__init__(message)
@@ -25,9 +25,8 @@ class ConfigError(ValueError):
 
 
 def option(default, help, section=None, **argparse_args):
-    """A dataclass field that is an option: its --help text, the --help section it opens, and argparse's nargs,
-    metavar, choices, aliases (("-o",)), positional=True or type (text -> value, a ValueError saying what it
-    expected)."""
+    """A dataclass field that is an option: its --help text and section, and argparse's nargs, metavar, choices,
+    aliases (("-o",)), positional=True or type (text -> value, or a ValueError saying what it expected)."""
     return dataclasses.field(default=default, metadata={"help": help, "section": section, **argparse_args})
 
 
