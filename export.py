@@ -5,9 +5,9 @@ r"""Export a model trained here as a transformers directory: weights, config and
 
 Then `transformers.AutoModelForCausalLM.from_pretrained("my-gpt2")`, `AutoTokenizer`, `pipeline("text-generation")`
 work on it with this project's logits and token ids. A GPT-2 architecture (--recipe=gpt2) goes out as
-GPT2LMHeadModel; a padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens. Files are written
-into a temporary directory inside DIR first and moved into place one by one: an interrupted export never leaves a
-half-written file under its real name.
+GPT2LMHeadModel, --recipe=fast's (nanochat's block) as NanoChatForCausalLM; a padded vocabulary (50304) exports its
+first 50257 rows, the real GPT-2 tokens. Files are written into a temporary directory inside DIR first and moved
+into place one by one: an interrupted export never leaves a half-written file under its real name.
 
 The tokenizer files are OpenAI's GPT-2 tokenizer, rebuilt from tiktoken's mergeable ranks with no download:
 vocab.json and merges.txt (the same contents as OpenAI's encoder.json and vocab.bpe), and tokenizer.json +
