@@ -254,3 +254,16 @@ def test_fast_chat_model_export_answers_as_chat_py(tmp_path):
     assert answered == len(QA)
     result = run_chat("--model", export_dir, "--prompt", QA[3][0], "--temperature", "0")
     assert result.returncode == 0 and result.stdout == QA[3][1] + "\n", result.stderr
+
+
+def test_a_nanochat_this_model_cannot_represent_is_refused(tmp_path):
+    """GPT.from_pretrained of a NanoChat directory that is no export of a model here (another tokenizer's vocabulary,
+    grouped keys and values): one line naming what differs."""
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+
+    config = NanoChatConfig(vocab_size=65536, hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    NanoChatForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"NanoChat variant this model cannot represent: vocab_size=65536 .*, "
+                                         r"num_key_value_heads=1$"):
+        GPT.from_pretrained(str(tmp_path))
