@@ -21,7 +21,8 @@ from files import hub_offline
 
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary
 PADDED_VOCAB_SIZE = 50304  # GPT-2's padded to 393 * 128: friendlier matmul shapes on a GPU; train_gpt2.py's default
-CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"), "pos_emb": ("learned", "rope")}
+CHOICES = {"norm": ("layernorm", "rmsnorm", "rmsnorm_nogain"), "mlp": ("gelu", "swiglu", "relu2"),
+           "pos_emb": ("learned", "rope")}
 
 
 @dataclass
@@ -33,7 +34,9 @@ class GPTConfig:
     n_embd: int = 768
     # Architecture switches. Every default is GPT-2's; the alternatives are what recent fast small-model recipes
     # (modded-nanogpt, nanochat) use instead.
-    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm"
+    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" | "rmsnorm_nogain" (no gains, in fp32: nanochat's)
+    norm_eps: float = 1e-5  # the eps of every norm, QK-norm's too: GPT-2's 1e-5 (nanochat's is 1e-6)
+    embed_norm: bool = False  # a norm right after the token embedding (nanochat's)
     mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" | "relu2" (relu(x)**2, 4 * n_embd hidden)
     pos_emb: str = "learned"  # "learned" (GPT-2's wpe table) | "rope" (rotary embeddings on q and k, no wpe)
     qk_norm: bool = False  # RMS-normalize q and k of every head before attention
@@ -49,9 +52,12 @@ class GPTConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got "
                                  f"{getattr(self, name)!r}")
-        for name in ("qk_norm", "tie_embeddings", "bias", "zero_init"):
+        for name in ("embed_norm", "qk_norm", "tie_embeddings", "bias", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
         cap = self.logit_softcap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
             raise ValueError(f"logit_softcap must be a finite number >= 0 (0: no cap), got {cap!r}")
@@ -64,7 +70,8 @@ class GPTConfig:
     def non_gpt2_fields(self):
         """{name: value} of the architecture fields that differ from GPT-2's; never zero_init, an init only."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        names = ("norm", "mlp", "pos_emb", "qk_norm", "tie_embeddings", "bias", "logit_softcap")
+        names = ("norm", "norm_eps", "embed_norm", "mlp", "pos_emb", "qk_norm", "tie_embeddings", "bias",
+                 "logit_softcap")
         return {name: getattr(self, name) for name in names if getattr(self, name) != defaults[name]}
 
     @property
@@ -81,10 +88,23 @@ class GPTConfig:
         return cls(**d)
 
 
+class RMSNormNoGain(nn.Module):
+    """RMSNorm without gains, computed in fp32 whatever x's dtype, as transformers' NanoChatRMSNorm (nanochat's)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+
+
 def make_norm(config):
-    if config.norm == "rmsnorm":  # no mean, no bias; GPT-2's LayerNorm has both, and eps 1e-5
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+    if config.norm == "rmsnorm":  # no mean, no bias; GPT-2's LayerNorm has both
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    if config.norm == "rmsnorm_nogain":  # nothing to learn: the blocks' matrices scale what they read
+        return RMSNormNoGain(config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 ROPE_BASE = 10000.0  # RoPE's frequency base (RoFormer, Su et al. 2021; Llama): dimension pair i turns by base^(-2i/hs)
@@ -127,7 +147,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.qk_norm = config.n_head, config.qk_norm
+        self.n_head, self.qk_norm, self.norm_eps = config.n_head, config.qk_norm, config.norm_eps
         # key, query, value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -142,7 +162,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # q, k of RMS 1 bound every attention logit by sqrt(hs): no blow-up at high lrs
-            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
+            q, k = (F.rms_norm(t, (t.size(-1),), eps=self.norm_eps) for t in (q, k))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past, mask = 0, None  # positions cached before these T
@@ -208,6 +228,8 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs / 2)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.embed_norm:
+            modules["ln_emb"] = make_norm(config)
         modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
@@ -261,6 +283,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if self.config.embed_norm:  # the blocks read normalized embeddings, whatever the scale of wte's rows
+            x = self.transformer.ln_emb(x)
         rope = None
         if self.config.pos_emb == "rope":
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hs / 2) each
@@ -336,26 +360,30 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """Load a transformers GPT-2 checkpoint: one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (or any hub id), or a
-        local directory with config.json and model.safetensors / pytorch_model.bin. Offline (HF_HUB_OFFLINE, or a hub
-        that does not answer) a hub id loads from the local HF cache only, or fails at once."""
+        local directory with config.json and model.safetensors / pytorch_model.bin; or a local NanoChat directory
+        (export.py's of a --recipe=fast model). Offline (HF_HUB_OFFLINE, or a hub that does not answer) a hub id
+        loads from the local HF cache only, or fails at once."""
         from huggingface_hub import constants
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel, NanoChatForCausalLM
 
-        offline = ""  # why only the local HF cache can serve a hub id
+        offline, model_type = "", "gpt2"  # offline: why only the local HF cache can serve a hub id
         if os.path.isdir(name_or_path):
-            _check_hf_dir(name_or_path)
+            model_type = _check_hf_dir(name_or_path)
         elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
             raise ValueError(f"{name_or_path}: not a directory holding a transformers GPT-2 checkpoint")
         else:
             offline = hub_offline(constants.HF_HUB_OFFLINE)
+        kind, hf_class = {"gpt2": ("GPT-2", GPT2LMHeadModel), "nanochat": ("NanoChat", NanoChatForCausalLM)}[model_type]
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=bool(offline))
+            hf = hf_class.from_pretrained(name_or_path, local_files_only=bool(offline))
         except Exception as e:  # network, hub id, or file format: say which model and why, in one line
             if offline:
                 raise ValueError(f"could not load GPT-2 {name_or_path!r}: {offline} and not in the local cache; "
                                  "pass a local transformers directory instead") from None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"could not load GPT-2 {name_or_path!r}: {first_line}") from None
+            raise ValueError(f"could not load {kind} {name_or_path!r}: {first_line}") from None
+        if model_type == "nanochat":
+            return cls._from_nanochat(hf, name_or_path)
         hf_config = hf.config
         problems = []
         if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -383,8 +411,87 @@ class GPT(nn.Module):
         return model
 
 
+    @classmethod
+    def _from_nanochat(cls, hf, path):
+        """transformers' NanoChatForCausalLM hf, loaded from path, as the GPT of its architecture (--recipe=fast's)."""
+        from tokenizer import CHAT_VOCAB_SIZE
+
+        h = hf.config
+        rope = h.rope_parameters or {}
+        problems = []
+        if h.vocab_size > CHAT_VOCAB_SIZE:  # another tokenizer's (nanochat's own is 65536): our evals speak GPT-2 BPE
+            problems.append(f"vocab_size={h.vocab_size} (GPT-2's tokenizer has {CHAT_VOCAB_SIZE} ids with the chat "
+                            "tokens)")
+        if h.hidden_act != "relu2" or h.intermediate_size != 4 * h.hidden_size:
+            problems.append(f"hidden_act={h.hidden_act!r}, intermediate_size={h.intermediate_size}")
+        if h.num_key_value_heads != h.num_attention_heads:
+            problems.append(f"num_key_value_heads={h.num_key_value_heads}")
+        if getattr(h, "head_dim", None) not in (None, h.hidden_size // h.num_attention_heads):
+            problems.append(f"head_dim={h.head_dim}")
+        if rope.get("rope_type", "default") != "default" or rope.get("rope_theta") != ROPE_BASE:
+            problems.append(f"rope_parameters={rope}")
+        if h.attention_bias or h.tie_word_embeddings:
+            problems.append(f"attention_bias={h.attention_bias}, tie_word_embeddings={h.tie_word_embeddings}")
+        if problems:
+            raise ValueError(f"{path}: NanoChat variant this model cannot represent: {', '.join(problems)}")
+        config = GPTConfig(block_size=h.max_position_embeddings, vocab_size=h.vocab_size, n_layer=h.num_hidden_layers,
+                           n_head=h.num_attention_heads, n_embd=h.hidden_size, norm="rmsnorm_nogain",
+                           norm_eps=h.rms_norm_eps, embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
+                           tie_embeddings=False, bias=False, logit_softcap=h.final_logit_softcapping or 0.0)
+        model = cls(config)
+        model.load_state_dict(from_nanochat(hf.state_dict(), config))
+        return model
+
+
+NANOCHAT_SWITCHES = dict(norm="rmsnorm_nogain", embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
+                         tie_embeddings=False, bias=False)  # transformers' NanoChatForCausalLM: any norm_eps and cap
+
+
+def rotate_half_rows(w, n_head):
+    """q or k projection rows (n_embd, n_embd) for the other rotary convention: the second half of each head's rows
+    negated. apply_rope turns each pair (x1, x2) by +angle, transformers' rotate_half (cat(x2, -x1)) by -angle,
+    which gives (x1', -x2') on the pair (x1, -x2): q.k is the same, and the weightless QK-norm sees no sign. Its own
+    inverse."""
+    w = w.reshape(n_head, 2, -1, w.size(-1)).clone()  # (nh, halves, hs / 2, n_embd)
+    w[:, 1] = -w[:, 1]
+    return w.reshape(-1, w.size(-1))
+
+
+def nanochat_names(n_layer):
+    """{our weight name: NanoChatForCausalLM's} for every weight but c_attn's, which is its q, k and v_proj."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        names.update({ours + "attn.c_proj.weight": theirs + "self_attn.o_proj.weight",
+                      ours + "mlp.c_fc.weight": theirs + "mlp.fc1.weight",
+                      ours + "mlp.c_proj.weight": theirs + "mlp.fc2.weight"})
+    return names
+
+
+def to_nanochat(sd, config):
+    """Our state dict (NANOCHAT_SWITCHES) as transformers' NanoChatForCausalLM's."""
+    out = {theirs: sd[ours] for ours, theirs in nanochat_names(config.n_layer).items()}
+    for i in range(config.n_layer):
+        q, k, v = sd[f"transformer.h.{i}.attn.c_attn.weight"].split(config.n_embd)
+        theirs = f"model.layers.{i}.self_attn."
+        out.update({theirs + "q_proj.weight": rotate_half_rows(q, config.n_head),
+                    theirs + "k_proj.weight": rotate_half_rows(k, config.n_head), theirs + "v_proj.weight": v})
+    return out
+
+
+def from_nanochat(hf_sd, config):
+    """transformers' NanoChatForCausalLM state dict as ours: to_nanochat's inverse."""
+    out = {ours: hf_sd[theirs] for ours, theirs in nanochat_names(config.n_layer).items()}
+    for i in range(config.n_layer):
+        theirs = f"model.layers.{i}.self_attn."
+        q, k = (rotate_half_rows(hf_sd[theirs + f"{n}_proj.weight"], config.n_head) for n in "qk")
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([q, k, hf_sd[theirs + "v_proj.weight"]])
+    return out
+
+
 def _check_hf_dir(path):
-    """A local checkpoint must be transformers' GPT-2: say what is wrong before transformers tries to load it."""
+    """A local checkpoint must be transformers' GPT-2 or NanoChat: say what is wrong before transformers tries to load
+    it. Returns its model_type."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{path}: not a transformers checkpoint (no config.json)")
@@ -393,11 +500,13 @@ def _check_hf_dir(path):
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{config_file}: not a readable JSON object ({e})") from None
-    if model_type != "gpt2":
-        raise ValueError(f"{config_file}: model_type is {model_type!r}, not a GPT-2 checkpoint ('gpt2')")
+    if model_type not in ("gpt2", "nanochat"):
+        raise ValueError(f"{config_file}: model_type is {model_type!r}, not a GPT-2 ('gpt2') or NanoChat ('nanochat') "
+                         "checkpoint")
     weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
     if not any(os.path.exists(os.path.join(path, w)) for w in weights):
         raise ValueError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
+    return model_type
 
 
 def is_conv1d_weight(name):
