@@ -414,14 +414,11 @@ class GPT(nn.Module):
     @classmethod
     def _from_nanochat(cls, hf, path):
         """transformers' NanoChatForCausalLM hf, loaded from path, as the GPT of its architecture (--recipe=fast's)."""
-        from tokenizer import CHAT_VOCAB_SIZE
-
         h = hf.config
         rope = h.rope_parameters or {}
         problems = []
-        if h.vocab_size > CHAT_VOCAB_SIZE:  # another tokenizer's (nanochat's own is 65536): our evals speak GPT-2 BPE
-            problems.append(f"vocab_size={h.vocab_size} (GPT-2's tokenizer has {CHAT_VOCAB_SIZE} ids with the chat "
-                            "tokens)")
+        if h.vocab_size > PADDED_VOCAB_SIZE:  # another tokenizer's (nanochat's own has 65536): ours is GPT-2's BPE
+            problems.append(f"vocab_size={h.vocab_size} (GPT-2's tokenizer, padded: {PADDED_VOCAB_SIZE})")
         if h.hidden_act != "relu2" or h.intermediate_size != 4 * h.hidden_size:
             problems.append(f"hidden_act={h.hidden_act!r}, intermediate_size={h.intermediate_size}")
         if h.num_key_value_heads != h.num_attention_heads:
