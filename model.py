@@ -275,7 +275,7 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         if cap and targets is not None and not return_logits and not torch.compiler.is_compiling():
             # eager, the same loss in chunks of rows: the (B*T, V) fp32 capped logits are never all in memory, and
-            # fewer passes go over them (torch.compile fuses the plain path below instead: as fast, docs/training.md)
+            # fewer passes go over them (torch.compile fuses the plain path below instead: docs/training.md)
             return None, softcap_cross_entropy(x, self.lm_head.weight, targets, cap, LOSS_CHUNK_ROWS)
         logits = self.lm_head(x)  # (B, T or E, vocab_size)
         dtype = logits.dtype  # what autocast computes in: the dtype of the logits returned, capped or not
