@@ -217,6 +217,67 @@ class Block(nn.Module):
         return x
 
 
+# softcap_cross_entropy's rows per chunk in GPT.forward: 256 x 50304 fp32 logits are 52 MB; fewer rows are slower on
+# CPU (docs/training.md: where the fast step's time goes), more hold more memory
+LOSS_CHUNK_ROWS = 256
+
+
+def softcap_cross_entropy(x, weight, targets, cap, chunk_rows):
+    """F.cross_entropy(cap * tanh(F.linear(x, weight).float() / cap), targets, ignore_index=-1) for hidden states x
+    (..., C), weight (V, C) and targets (...), up to float rounding, chunk_rows rows at a time: the mean over the
+    targets that are not -1, the matmuls in autocast's dtype as a plain F.linear's, the cap in fp32."""
+    return _SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), cap, chunk_rows)
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    """softcap_cross_entropy, its gradients wrt x and weight computed in the forward pass, chunk by chunk (as Liger's
+    fused linear cross-entropy): backward only scales them by the loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap, chunk_rows):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x_cap, wc = (x / cap).to(dtype), weight.to(dtype)  # as autocast casts them, once for all chunks
+        valid = targets != -1
+        safe = targets.masked_fill(~valid, 0)  # a gatherable index in the ignored rows, whose loss is then zeroed
+        n = valid.sum()
+        grads = any(ctx.needs_input_grad[:2])  # none under torch.no_grad (an eval)
+        grad_x = torch.empty_like(x) if grads else None
+        grad_w = torch.zeros_like(weight) if grads else None
+        loss = torch.zeros((), device=x.device)
+        with torch.autocast(device, enabled=False):
+            for i in range(0, x.size(0), chunk_rows):
+                rows = slice(i, i + chunk_rows)
+                # (rows, V): tanh(z / cap) = y / cap for the raw logits z = x @ weight.T and the capped ones y
+                t = F.linear(x_cap[rows], wc).float().tanh_()
+                m = t.amax(dim=1, keepdim=True) * cap  # each row's largest y: exp(y - m) <= 1
+                e = torch.add(-m, t, alpha=cap).exp_()  # exp(y - m)
+                s = e.sum(dim=1, keepdim=True)
+                # -log softmax(y)[target] = log(sum(exp(y - m))) + m - y[target]
+                nll = (s.log() + m - cap * t.gather(1, safe[rows, None])).squeeze(1)
+                loss += (nll * valid[rows]).sum()
+                if not grads:
+                    continue
+                # dloss/dz = (softmax(y) - onehot(target)) * w * dy/dz, w a row's weight in the mean (1 / n, or 0 if
+                # ignored), dy/dz = 1 - t^2: (e - s onehot(target)) (1 - t^2) times r = w / s, a factor per row
+                # that scales the matmuls' (rows, C) operands instead of the (rows, V) gradient
+                g = e.scatter_add_(1, safe[rows, None], -s).addcmul_(e, t.square_(), value=-1).to(dtype)
+                r = valid[rows, None] / (n * s)
+                grad_x[rows] = (g @ wc) * r
+                x_r = (x[rows] * r).to(dtype)
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(g.t(), x_r)
+                else:  # autocast's bf16 products, summed over the chunks in fp32
+                    grad_w += g.t() @ x_r
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -296,6 +357,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if positions is not None:
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
+        cap = self.config.logit_softcap
+        if cap and targets is not None and not return_logits and not torch.compiler.is_compiling():
+            # eager, the same loss in chunks of rows: the (B*T, V) fp32 capped logits are never all in memory, and
+            # fewer passes go over them (torch.compile fuses the plain path below instead: docs/training.md)
+            return None, softcap_cross_entropy(x, self.lm_head.weight, targets, cap, LOSS_CHUNK_ROWS)
         logits = self.lm_head(x)  # (B, T or E, vocab_size)
         dtype = logits.dtype  # what autocast computes in: the dtype of the logits returned, capped or not
         if self.config.logit_softcap:  # squashed smoothly into (-cap, cap): no logit runs away (Gemma 2)

@@ -50,6 +50,12 @@ def auto_or_int(text):
         raise ValueError("expected 'auto' or int") from None
 
 
+# --size: GPT-2's shapes, (n_layer, n_head, n_embd), and for --recipe=gpt2 the max_lr and batch (tokens) of the GPT-3
+# nearest in size (GPT-3 paper, Table 2.1: 125M, 350M, 760M, 1.3B); small is TrainConfig's defaults
+SIZES = {"small": (12, 12, 768, 6e-4, 2**19), "medium": (24, 16, 1024, 3e-4, 2**19),
+         "large": (36, 20, 1280, 2.5e-4, 2**19), "xl": (48, 25, 1600, 2e-4, 2**20)}
+
+
 @dataclass
 class TrainConfig:
     recipe: str = option("gpt2", "gpt2: GPT-3 small's, every default below; fast: the modern one (--help lists what "
@@ -60,6 +66,10 @@ class TrainConfig:
     n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small")
     n_head: int = option(12, "attention heads (n_embd must be a multiple)")
     n_embd: int = option(768, "width of the residual stream")
+    size: str = option("small", "GPT-2's shape, n_layer/n_head/n_embd: " + ", ".join(
+        f"{k} {v[0]}/{v[1]}/{v[2]}" for k, v in SIZES.items()) + "; --recipe=gpt2 also takes GPT-3's max_lr, batch "
+        "and min_lr = max_lr / 10 for it (" + ", ".join(f"{k} {v[3]:g} {v[4] / 2**20:g}M" for k, v in SIZES.items())
+        + " tokens), warmup_steps and max_steps for its 375M and 10B tokens", choices=tuple(SIZES))
     vocab_size: int = option(PADDED_VOCAB_SIZE, "rows of the token embedding: GPT-2's 50257 padded to 393 * 128")
     block_size: int = option(1024, "sequence length T")
     init_from: str = option("scratch", "or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers directory")
@@ -132,8 +142,17 @@ def recipe_defaults(recipe, cfg):
 
 
 def parse_config(argv):
-    """TrainConfig's defaults, replaced by the recipe's (--recipe), replaced by the options given."""
+    """TrainConfig's defaults, replaced by the size's (--size), then by the recipe's (--recipe: its lrs follow the
+    size's width), then by the options given."""
     cfg, given = parse(TrainConfig, argv)
+    sized = {}
+    if cfg.size != "small":  # small: TrainConfig's defaults, bit for bit (6e-4 / 10 is not the float 6e-5)
+        n_layer, n_head, n_embd, lr, batch = SIZES[cfg.size]
+        sized = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        if cfg.recipe == "gpt2":
+            sized.update(max_lr=lr, min_lr=lr / 10, total_batch_size=batch, warmup_steps=375_000_000 // batch,
+                         max_steps=10_000_000_000 // batch)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in sized.items() if k not in given})
     return dataclasses.replace(cfg, **{k: v for k, v in recipe_defaults(cfg.recipe, cfg).items() if k not in given})
 
 

@@ -112,6 +112,27 @@ def test_explicit_batch_size_is_obeyed(data_dir, tmp_path, monkeypatch, capsys):
     assert saved["train_config"]["batch_size"] == 2 and saved["grad_accum_steps"] == 16
 
 
+@pytest.mark.parametrize("size, shape", [("medium", (24, 16, 1024)), ("xl", (48, 25, 1600))])
+def test_auto_sizes_gpt2s_bigger_models_from_their_shapes(size, shape, monkeypatch):
+    """GPT-2 medium and xl (--size) on cpu: the micro-batch from the estimate of their shapes, on the meta device."""
+    cfg = train_gpt2.parse_config([f"--size={size}", "--device=cpu"])
+    config = guards.model_config(cfg)
+    assert (config.n_layer, config.n_head, config.n_embd) == shape
+    devices = []
+    monkeypatch.setattr(guards, "GPT", lambda config: devices.append(torch.get_default_device()) or GPT(config))
+    budget = set_budget(monkeypatch, (need(4, config, 1024) + need(8, config, 1024)) // 2)
+    lines = []
+    resolved = guards.fit_micro_batch(cfg, ONE_PROCESS, torch.device("cpu"), None, log=lines.append)
+    steps = cfg.total_batch_size // (4 * 1024)  # 128 (medium's 0.5M tokens), 256 (xl's 1M)
+    assert resolved.batch_size == 4 and steps == (256 if size == "xl" else 128)
+    assert lines == [f"micro-batch 4 (auto: 8 would need ~{need(8, config, 1024) / 1e9:.1f} GB, {budget / 1e9:.1f} GB "
+                     f"available per the test) x {steps} accumulation steps"]
+    assert devices == [torch.device("meta")]  # the shapes alone: no weight was allocated
+    set_budget(monkeypatch, need(1, config, 1024) - 1)
+    with pytest.raises(ConfigError, match="even one sequence of 1024 tokens would need"):
+        guards.fit_micro_batch(cfg, ONE_PROCESS, torch.device("cpu"), None, log=lines.append)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch_size=x"], "--batch_size=x: expected 'auto' or int"),
     (["--batch_size=-4"], "--batch_size must be 'auto' or > 0, got -4"),

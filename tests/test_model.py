@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+import model as model_module
 from model import GPT, GPTConfig, GPT2_VOCAB_SIZE, KVCache, apply_rope, rope_tables
 from optim import adamw
 
@@ -362,7 +363,7 @@ def test_logit_softcap_squashes_logits_and_loss():
 def test_logit_softcap_gradients_in_fp32_under_bf16():
     """Under bf16 autocast the cap runs in fp32: the gradients of the saturated raw logits (|z| > 1.5 cap, where
     tanh's 1 - y^2 is small and bf16 would round y) match a float64 cap and loss at the same raw logits to 1% (a cap
-    in bf16: ~4% median error here). With targets and no return_logits, no (capped) logits come back."""
+    in bf16: ~4% median error here)."""
     torch.manual_seed(0)
     cap = 2.0
     model = GPT(GPTConfig(vocab_size=256, **TINY, logit_softcap=cap))
@@ -377,8 +378,8 @@ def test_logit_softcap_gradients_in_fp32_under_bf16():
 
     model.lm_head.register_forward_hook(keep_raw_logits)
     with torch.autocast("cpu", torch.bfloat16):
-        logits, loss = model(idx, targets)
-    assert logits is None and loss.dtype == torch.float32
+        logits, loss = model(idx, targets, return_logits=True)  # the plain path: lm_head's logits to hook
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     z = raw[0].detach().double().requires_grad_()  # the bf16 raw logits, exactly
     F.cross_entropy((cap * torch.tanh(z / cap)).view(-1, 256), targets.view(-1)).backward()
@@ -386,6 +387,58 @@ def test_logit_softcap_gradients_in_fp32_under_bf16():
     assert saturated.float().mean() > 0.2
     error = (raw[0].grad.double() - z.grad).abs() / z.grad.abs().clamp_min(1e-30)
     assert error[saturated].median() < 0.01, error[saturated].median()
+
+
+def loss_and_grads(model, idx, targets, **kwargs):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets, **kwargs)
+    loss.backward()
+    return logits, loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16, 40, 64])  # 40 rows: 7 and 16 leave a shorter last chunk
+@pytest.mark.parametrize("variant", [dict(), dict(tie_embeddings=False, norm="rmsnorm", pos_emb="rope", bias=False)])
+def test_chunked_softcap_loss_equals_the_plain_path(chunk_rows, variant, monkeypatch):
+    """With targets and no logits asked for, a soft-capped loss is computed chunk_rows rows at a time
+    (model.softcap_cross_entropy): the plain path's loss and the gradients of every parameter, in fp32 up to float
+    rounding, with ignored (-1) targets; none of it under no_grad (an eval)."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", chunk_rows)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, **TINY, logit_softcap=2.0, **variant))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits far beyond the cap: tanh is far from linear
+    idx, targets = random_tokens((2, 20), vocab=256), random_tokens((2, 20), vocab=256, seed=1)
+    targets[0, :5] = targets[1, -3:] = -1
+    chunked = loss_and_grads(model, idx, targets)
+    plain = loss_and_grads(model, idx, targets, return_logits=True)
+    assert chunked[0] is None and plain[0].shape == (2, 20, 256)
+    assert_close(chunked[1], plain[1])
+    assert chunked[2].keys() == plain[2].keys() and all(g is not None for g in chunked[2].values())
+    for name in plain[2]:
+        assert_close(chunked[2][name], plain[2][name], msg=name)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    assert logits is None and not loss.requires_grad
+    assert_close(loss, plain[1])
+
+
+def test_chunked_softcap_loss_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast the chunked loss runs the head's matmuls in bf16 and the cap in fp32, as the plain path:
+    the same loss and gradients, to bf16's precision (rounded at other points: each gradient's norm of error)."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, **TINY, logit_softcap=2.0, tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    idx, targets = random_tokens((2, 20), vocab=256), random_tokens((2, 20), vocab=256, seed=1)
+    with torch.autocast("cpu", torch.bfloat16):
+        chunked = loss_and_grads(model, idx, targets)
+        plain = loss_and_grads(model, idx, targets, return_logits=True)
+    assert chunked[1].dtype == torch.float32
+    assert_close(chunked[1], plain[1], rtol=1e-3, atol=0)
+    for name in plain[2]:
+        assert chunked[2][name].dtype == torch.float32
+        assert (chunked[2][name] - plain[2][name]).norm() < 0.01 * plain[2][name].norm(), name
 
 
 def test_generate_past_block_size_top_k_and_seeded():

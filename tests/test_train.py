@@ -849,6 +849,46 @@ def test_recipes_resolve_their_defaults(tmp_path):
         parse_args(["--recipe=slow"])
 
 
+# GPT-2's sizes: (n_layer, n_head, n_embd), and the GPT-2 recipe's (max_lr, total_batch_size) from GPT-3's Table 2.1
+SIZES = {"small": ((12, 12, 768), (6e-4, 524288)), "medium": ((24, 16, 1024), (3e-4, 524288)),
+         "large": ((36, 20, 1280), (2.5e-4, 524288)), "xl": ((48, 25, 1600), (2e-4, 1048576))}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sizes_resolve_gpt2s_shapes_and_gpt3s_lr_and_batch(size):
+    shape, (lr, batch) = SIZES[size]
+    gpt2 = parse_args([f"--size={size}"])
+    assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd) == shape
+    assert (gpt2.max_lr, gpt2.total_batch_size) == (lr, batch) and gpt2.min_lr == pytest.approx(lr / 10)
+    # GPT-3's warmup over 375M tokens and one epoch of 10B tokens, in steps of this batch
+    assert (gpt2.warmup_steps, gpt2.max_steps) == (int(375e6 / batch), int(10e9 / batch))
+    # the fast recipe: the same shape, its own optimizer, its AdamW lrs scaled to this width
+    fast = parse_args([f"--size={size}", "--recipe=fast"])
+    assert (fast.n_layer, fast.n_head, fast.n_embd) == shape
+    assert (fast.max_lr, fast.min_lr, fast.warmup_steps, fast.optimizer) == (0.02, 0.0, 0, "muon")
+    assert fast.head_lr == pytest.approx(0.004 * (768 / shape[2]) ** 0.5)
+    assert (fast.total_batch_size, fast.max_steps) == (524288, 19073)  # TrainConfig's
+
+
+def test_size_small_is_the_defaults_and_options_given_win():
+    assert parse_args(["--size=small"]) == train_gpt2.TrainConfig()
+    assert parse_args(["--size=small", "--recipe=fast"]) == parse_args(["--recipe=fast"])
+    xl = parse_args(["--size=xl", "--n_layer=6", "--max_lr=1e-3", "--total_batch_size=65536", "--max_steps=10"])
+    assert (xl.n_layer, xl.n_head, xl.n_embd, xl.max_lr, xl.total_batch_size, xl.max_steps) == (
+        6, 25, 1600, 1e-3, 65536, 10)
+    assert (xl.min_lr, xl.warmup_steps) == (pytest.approx(2e-5), 357)  # the size's, from its own 1M batch
+    narrow = parse_args(["--size=medium", "--recipe=fast", "--n_embd=256", "--n_head=4"])
+    assert (narrow.n_layer, narrow.n_embd, narrow.head_lr) == (24, 256, pytest.approx(0.004 * 3 ** 0.5))
+
+
+def test_size_errors_and_help(capsys, tmp_path):
+    assert main(["--size=huge", f"--log_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == "train_gpt2.py: error: --size=huge: expected small, medium, large or xl\n"
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--size='small' (str)" in out and "xl 48/25/1600" in out and "xl 0.0002 1M tokens" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--recipe=fast", "--mlp=geglu"], "mlp must be 'gelu', 'swiglu' or 'relu2'"),
     (["--pos_emb=alibi"], "pos_emb must be 'learned' or 'rope'"),
