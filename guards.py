@@ -267,6 +267,7 @@ def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, d
         reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         with torch.device(device):
             model = GPT(config)
+        model.chunked_loss = False  # the plain soft-capped loss, as torch.compile runs it: the larger of the two
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda" or None)
         idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # token 0: no RNG drawn
         for _ in range(2):

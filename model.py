@@ -279,6 +279,8 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
 
 
 class GPT(nn.Module):
+    chunked_loss = True  # softcap_cross_entropy where it applies (guards.fits_on_gpu measures the plain path)
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -358,7 +360,8 @@ class GPT(nn.Module):
         if positions is not None:
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
         cap = self.config.logit_softcap
-        if cap and targets is not None and not return_logits and not torch.compiler.is_compiling():
+        chunked = self.chunked_loss and not torch.compiler.is_compiling()
+        if cap and targets is not None and not return_logits and chunked:
             # eager, the same loss in chunks of rows: the (B*T, V) fp32 capped logits are never all in memory, and
             # fewer passes go over them (torch.compile fuses the plain path below instead: docs/training.md)
             return None, softcap_cross_entropy(x, self.lm_head.weight, targets, cap, LOSS_CHUNK_ROWS)

@@ -446,3 +446,18 @@ def test_ranks_take_the_smallest_choice(data_dir, tmp_path):
     assert re.search(r"^micro-batch 4 \(auto: 16 would need ~[\d.]+ GB, [\d.]+ GB available per the test, shared by "
                      r"2 processes; another rank can take only 4\) x 4 accumulation steps$", p.stdout, re.M), p.stdout
     assert saved_config(log_dir)["train_config"]["batch_size"] == 4
+
+
+def test_trial_measures_the_plain_soft_capped_loss(monkeypatch):
+    """A soft-capped model's trial runs the plain loss, the one torch.compile runs on the GPU and the larger of the
+    two, not the eager chunked one (which holds far less): a micro-batch chosen by it fits the compiled step too."""
+    import model
+
+    def chunked(*args):
+        raise AssertionError("the trial ran the chunked loss")
+
+    monkeypatch.setattr(model, "softcap_cross_entropy", chunked)
+    capped = dataclasses.replace(TINY, logit_softcap=15.0, tie_embeddings=False)
+    assert guards.fits_on_gpu(capped, 2, T, 1024, None, torch.device("cpu")) is True
+    with pytest.raises(AssertionError, match="chunked"):  # the same model outside the trial: the chunked loss
+        GPT(capped)(torch.zeros((2, T), dtype=torch.long), torch.zeros((2, T), dtype=torch.long))
