@@ -52,7 +52,7 @@ def check_config(cfg, world_size):
                                 "max_steps", "num_samples", "sample_length"),
                  non_negative=("warmup_steps", "val_every", "hellaswag_every", "hellaswag_limit", "sample_every",
                                "checkpoint_every", "keep_checkpoints", "weight_decay", "grad_clip", "min_lr",
-                               "embedding_lr", "head_lr", "scalar_lr", "logit_softcap"))
+                               "embedding_lr", "head_lr", "scalar_lr", "muon_momentum_warmup", "logit_softcap"))
     try:  # the architecture switches, checked by the model's own config
         model_config(cfg)
     except ValueError as e:

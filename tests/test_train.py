@@ -812,6 +812,7 @@ def test_recipes_resolve_their_defaults(tmp_path):
     assert (fast.optimizer, fast.max_lr, fast.min_lr, fast.schedule, fast.warmdown_frac, fast.warmup_steps,
             fast.weight_decay) == ("muon", 0.02, 0.0, "warmdown", 0.4, 0, 0.0)
     assert (fast.embedding_lr, fast.head_lr, fast.scalar_lr) == (0.2, 0.004, 0.04)
+    assert (fast.muon_momentum_warmup, parse_args([]).muon_momentum_warmup) == (300, 0)
     # an option given explicitly wins; the AdamW lrs follow the width (nanochat's 1/sqrt(d_model) rule)
     narrow = parse_args(["--recipe=fast", "--n_embd=192", "--n_head=3", "--max_lr=0.01", "--head_lr=0.001"])
     assert (narrow.max_lr, narrow.head_lr, narrow.embedding_lr, narrow.scalar_lr) == (0.01, 0.001, 0.4, 0.08)
@@ -826,6 +827,7 @@ def test_recipes_resolve_their_defaults(tmp_path):
     (["--optimizer=sgd"], "need --optimizer adamw or muon"),
     (["--warmdown_frac=1.5"], "--warmdown_frac must be in [0, 1]"),
     (["--logit_softcap=-1"], "--logit_softcap must be >= 0"),
+    (["--recipe=fast", "--muon_momentum_warmup=-1"], "--muon_momentum_warmup must be >= 0"),
 ])
 def test_recipe_option_errors(args, message, capsys, tmp_path):
     assert main(args + [f"--log_dir={tmp_path}"]) == 2
