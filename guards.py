@@ -97,6 +97,10 @@ def model_config(cfg):
     return GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in model_fields(cfg)})
 
 
+# --recipe=fast's block before it became nanochat's (transformers' NanoChatForCausalLM): what resumes its checkpoints
+EARLIER_FAST_BLOCK = dict(norm="rmsnorm", norm_eps=1e-5, embed_norm=False)
+
+
 def check_start(cfg, start, source, log=print):
     """cfg with the architecture of the model the run starts from, start: a checkpoint being resumed (its
     architecture and optimizer must be the options') or GPT-2's weights (init_from: its architecture replaces the
@@ -106,6 +110,13 @@ def check_start(cfg, start, source, log=print):
     if "train_config" in start and cfg.init_from == "scratch":
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(config, k)})" for k in fields
                   if getattr(config, k) != getattr(cfg, k)]
+        earlier = EARLIER_FAST_BLOCK
+        if (differ and cfg.recipe == "fast" and all(getattr(config, k) == v for k, v in earlier.items())
+                and all(getattr(config, k) == getattr(cfg, k) for k in fields if k not in earlier)):
+            resume = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in earlier.items())
+            raise ConfigError(f"{source}: trained with the earlier --recipe=fast block (RMSNorm with gains, eps "
+                              f"1e-5, no embedding norm), not today's nanochat block: resume it with --recipe=fast "
+                              f"{resume}")
         if differ:
             raise ConfigError(f"{source}: the checkpoint's model differs from the options: {', '.join(differ)}")
     if "train_config" not in start:
@@ -377,5 +388,5 @@ def train_memory_bytes(config, n_params, batch_size, block_size, attention_matri
     block = 8 * C + mlp + (2 * C if config.qk_norm or config.pos_emb == "rope" else 0)
     if attention_matrix:
         block += config.n_head * block_size  # each token's row of softmax(q k^T / sqrt(hs)), in every head
-    head = 2 * C + (5 + (config.logit_softcap > 0)) * V
+    head = 2 * C * (1 + config.embed_norm) + (5 + (config.logit_softcap > 0)) * V  # ln_f's (and ln_emb's) too
     return 24 * n_params + 4 * batch_size * block_size * (2 * config.n_layer * block + head) + 256 * 2**20

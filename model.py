@@ -22,7 +22,8 @@ from files import hub_offline
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary
 PADDED_VOCAB_SIZE = 50304  # GPT-2's padded to 393 * 128: friendlier matmul shapes on a GPU; train_gpt2.py's default
 INITS = ("gpt2", "nanochat")  # GPTConfig.init
-CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"), "pos_emb": ("learned", "rope")}
+CHOICES = {"norm": ("layernorm", "rmsnorm", "rmsnorm_nogain"), "mlp": ("gelu", "swiglu", "relu2"),
+           "pos_emb": ("learned", "rope")}
 
 
 @dataclass
@@ -34,7 +35,9 @@ class GPTConfig:
     n_embd: int = 768
     # Architecture switches. Every default is GPT-2's; the alternatives are what recent fast small-model recipes
     # (modded-nanogpt, nanochat) use instead.
-    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm"
+    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" | "rmsnorm_nogain" (no gains, in fp32: nanochat's)
+    norm_eps: float = 1e-5  # the eps of every norm, QK-norm's too: GPT-2's 1e-5 (nanochat's is 1e-6)
+    embed_norm: bool = False  # a norm right after the token embedding (nanochat's)
     mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" | "relu2" (relu(x)**2, 4 * n_embd hidden)
     pos_emb: str = "learned"  # "learned" (GPT-2's wpe table) | "rope" (rotary embeddings on q and k, no wpe)
     qk_norm: bool = False  # RMS-normalize q and k of every head before attention
@@ -54,9 +57,12 @@ class GPTConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got "
                                  f"{getattr(self, name)!r}")
-        for name in ("qk_norm", "tie_embeddings", "bias", "zero_init"):
+        for name in ("embed_norm", "qk_norm", "tie_embeddings", "bias", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
         cap = self.logit_softcap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
             raise ValueError(f"logit_softcap must be a finite number >= 0 (0: no cap), got {cap!r}")
@@ -73,7 +79,8 @@ class GPTConfig:
     def non_gpt2_fields(self):
         """{name: value} of the architecture fields that differ from GPT-2's; never zero_init or init, inits only."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        names = ("norm", "mlp", "pos_emb", "qk_norm", "tie_embeddings", "bias", "logit_softcap")
+        names = ("norm", "norm_eps", "embed_norm", "mlp", "pos_emb", "qk_norm", "tie_embeddings", "bias",
+                 "logit_softcap")
         return {name: getattr(self, name) for name in names if getattr(self, name) != defaults[name]}
 
     @property
@@ -90,10 +97,23 @@ class GPTConfig:
         return cls(**d)
 
 
+class RMSNormNoGain(nn.Module):
+    """RMSNorm without gains, computed in fp32 whatever x's dtype, as transformers' NanoChatRMSNorm (nanochat's)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+
+
 def make_norm(config):
-    if config.norm == "rmsnorm":  # no mean, no bias; GPT-2's LayerNorm has both, and eps 1e-5
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+    if config.norm == "rmsnorm":  # no mean, no bias; GPT-2's LayerNorm has both
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    if config.norm == "rmsnorm_nogain":  # nothing to learn: the blocks' matrices scale what they read
+        return RMSNormNoGain(config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 ROPE_BASE = 10000.0  # RoPE's frequency base (RoFormer, Su et al. 2021; Llama): dimension pair i turns by base^(-2i/hs)
@@ -136,7 +156,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.qk_norm = config.n_head, config.qk_norm
+        self.n_head, self.qk_norm, self.norm_eps = config.n_head, config.qk_norm, config.norm_eps
         # key, query, value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -151,7 +171,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # q, k of RMS 1 bound every attention logit by sqrt(hs): no blow-up at high lrs
-            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
+            q, k = (F.rms_norm(t, (t.size(-1),), eps=self.norm_eps) for t in (q, k))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past, mask = 0, None  # positions cached before these T
@@ -217,6 +237,8 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs / 2)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.embed_norm:
+            modules["ln_emb"] = make_norm(config)
         modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         modules["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(modules)
@@ -285,6 +307,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if self.config.embed_norm:  # the blocks read normalized embeddings, whatever the scale of wte's rows
+            x = self.transformer.ln_emb(x)
         rope = None
         if self.config.pos_emb == "rope":
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, hs / 2) each

@@ -63,7 +63,10 @@ class TrainConfig:
     vocab_size: int = option(PADDED_VOCAB_SIZE, "rows of the token embedding: GPT-2's 50257 padded to 393 * 128")
     block_size: int = option(1024, "sequence length T")
     init_from: str = option("scratch", "or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers directory")
-    norm: str = option("layernorm", "layernorm | rmsnorm", section="model: architecture switches, GPT-2's by default")
+    norm: str = option("layernorm", "layernorm | rmsnorm | rmsnorm_nogain (no gains)",
+                       section="model: architecture switches, GPT-2's by default")
+    norm_eps: float = option(1e-5, "the eps of every norm, QK-norm's too")
+    embed_norm: bool = option(False, "a norm right after the token embedding")
     mlp: str = option("gelu", "gelu | swiglu | relu2")
     pos_emb: str = option("learned", "learned | rope")
     qk_norm: bool = option(False, "RMS-normalize each head's q and k")
@@ -124,7 +127,8 @@ def recipe_defaults(recipe, cfg):
     if recipe != "fast":
         raise ConfigError(f"--recipe must be gpt2 or fast, got {recipe!r}")
     width_scale = (cfg.n_embd / 768) ** -0.5
-    return dict(norm="rmsnorm", mlp="relu2", pos_emb="rope", qk_norm=True, tie_embeddings=False, bias=False,
+    return dict(norm="rmsnorm_nogain", norm_eps=1e-6, embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
+                tie_embeddings=False, bias=False,  # the block of nanochat, as transformers' NanoChatForCausalLM
                 logit_softcap=15.0, zero_init=True, optimizer="muon", max_lr=0.02, min_lr=0.0,
                 embedding_lr=0.2 * width_scale, head_lr=0.004 * width_scale, scalar_lr=0.04 * width_scale,
                 weight_decay=0.0, beta1=0.8, beta2=0.95, eps=1e-10, schedule="warmdown", warmdown_frac=0.4,

@@ -241,6 +241,85 @@ def test_old_configs_load_and_variants_roundtrip():
     assert GPTConfig.from_dict(dataclasses.asdict(fast)) == fast and not fast.is_gpt2
 
 
+# today's --recipe=fast block: nanochat's (transformers' NanoChatForCausalLM), RMSNorm without gains
+NANOCHAT = dict(FAST, norm="rmsnorm_nogain", norm_eps=1e-6, embed_norm=True)
+
+
+def fast_logits(model, idx, eps, embed_norm):
+    """The fast block's logits written out from model's state dict: RMSNorm (with the gains the state dict has, if
+    any) and QK-norm at eps, rope after QK-norm, ReLU², the tanh soft-cap; embed_norm: a norm after the embedding."""
+    c, sd = model.config, model.state_dict()
+    B, T = idx.shape
+    C, nh = c.n_embd, c.n_head
+    cos, sin = (t[:T] for t in rope_tables(c.block_size, C // nh))
+
+    def norm(x, name):
+        return F.rms_norm(x, (x.size(-1),), sd.get(name), eps=eps)
+
+    x = sd["transformer.wte.weight"][idx]
+    if embed_norm:
+        x = norm(x, "transformer.ln_emb.weight")
+    for i in range(c.n_layer):
+        p = f"transformer.h.{i}."
+        qkv = norm(x, p + "ln_1.weight") @ sd[p + "attn.c_attn.weight"].T
+        q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=-1))
+        q, k = (apply_rope(norm(t, None), cos, sin) for t in (q, k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + y @ sd[p + "attn.c_proj.weight"].T
+        h = F.relu(norm(x, p + "ln_2.weight") @ sd[p + "mlp.c_fc.weight"].T).square()
+        x = x + h @ sd[p + "mlp.c_proj.weight"].T
+    logits = norm(x, "transformer.ln_f.weight") @ sd["lm_head.weight"].T
+    return c.logit_softcap * torch.tanh(logits / c.logit_softcap)
+
+
+def randomized(model, embedding_std):
+    """model with every weight drawn at random (zero_init's zeros would hide the blocks), gains around 1."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if p.dim() == 1 else 0.3 * torch.randn_like(p))
+        model.transformer.wte.weight.mul_(embedding_std / 0.3)
+    return model.eval()
+
+
+def test_old_fast_config_gives_the_old_block():
+    """A fast checkpoint from before norm_eps and embed_norm stores a config dict without them: it builds the block
+    it was trained with (RMSNorm gains at eps 1e-5, no norm after the embedding), the same keys and logits."""
+    old = {k: v for k, v in dataclasses.asdict(GPTConfig(**SMALL, **FAST)).items()
+           if k not in ("norm_eps", "embed_norm")}
+    config = GPTConfig.from_dict(old)
+    assert (config.norm, config.norm_eps, config.embed_norm) == ("rmsnorm", 1e-5, False)
+    model = randomized(GPT(config), embedding_std=0.003)  # tiny rows: the eps matters
+    assert list(model.state_dict()) == [k for k in GPT(GPTConfig(**SMALL, **FAST)).state_dict()]
+    assert "transformer.ln_emb.weight" not in model.state_dict() and "transformer.ln_f.weight" in model.state_dict()
+    idx = random_tokens((2, 20), vocab=256)
+    with torch.no_grad():
+        logits = model(idx)[0]
+        assert_close(logits, fast_logits(model, idx, eps=1e-5, embed_norm=False))
+        assert not torch.allclose(logits, fast_logits(model, idx, eps=1e-6, embed_norm=False), atol=1e-3)
+
+
+def test_nanochat_block():
+    """norm="rmsnorm_nogain", norm_eps, embed_norm: no parameters but the matrices, one more norm, every eps."""
+    config = GPTConfig(**SMALL, **NANOCHAT)
+    assert config.non_gpt2_fields() == {k: v for k, v in NANOCHAT.items() if k != "zero_init"}
+    model = randomized(GPT(config), embedding_std=0.003)
+    V, C, L = SMALL["vocab_size"], SMALL["n_embd"], SMALL["n_layer"]
+    assert model.num_params() == 2 * V * C + L * 12 * C * C  # two vocab matrices and the blocks' matrices only
+    assert not any(".ln_" in k for k in model.state_dict())
+    idx = random_tokens((2, 20), vocab=256)
+    with torch.no_grad():
+        logits = model(idx)[0]
+        assert_close(logits, fast_logits(model, idx, eps=1e-6, embed_norm=True))
+        assert not torch.allclose(logits, fast_logits(model, idx, eps=1e-6, embed_norm=False), atol=1e-3)
+        assert not torch.allclose(logits, fast_logits(model, idx, eps=1e-5, embed_norm=True), atol=1e-3)
+        # bf16 in, bf16 out, the norm computed in fp32 (as transformers' NanoChatRMSNorm)
+        x = torch.randn(3, C, dtype=torch.bfloat16)
+        out = model.transformer.ln_emb(x)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, F.rms_norm(x.float(), (C,), eps=1e-6).bfloat16())
+    assert not GPTConfig(norm_eps=1e-6).is_gpt2 and not GPTConfig(embed_norm=True).is_gpt2
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("pos_emb", "alibi", "pos_emb must be 'learned' or 'rope'"),
     ("mlp", "tanh", "mlp must be 'gelu', 'swiglu' or 'relu2'"),
@@ -252,6 +331,11 @@ def test_old_configs_load_and_variants_roundtrip():
     ("logit_softcap", float("inf"), "logit_softcap must be"),
     ("logit_softcap", float("nan"), "logit_softcap must be"),
     ("logit_softcap", "15", "logit_softcap must be"),
+    ("norm", "rms", "norm must be 'layernorm', 'rmsnorm' or 'rmsnorm_nogain'"),
+    ("norm_eps", 0, "norm_eps must be a finite number > 0"),
+    ("norm_eps", True, "norm_eps must be"),
+    ("norm_eps", float("nan"), "norm_eps must be"),
+    ("embed_norm", 1, "embed_norm must be True or False"),
     ("init", "xavier", "init must be 'gpt2' or 'nanochat', got 'xavier'"),
     ("init", "nanochat", "init='nanochat' needs tie_embeddings=False"),
 ])

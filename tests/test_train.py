@@ -395,6 +395,34 @@ def test_resume_guards(data_dir, tmp_path, capsys):
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))]
 
 
+def test_earlier_fast_block_checkpoint_loads_and_resumes(data_dir, tmp_path, capsys):
+    """A --recipe=fast checkpoint from before the block became nanochat's (its config without norm_eps and
+    embed_norm): load_model builds its block, today's --recipe=fast refuses to resume it in one line naming the
+    options that do, and those options resume it."""
+    log_dir = str(tmp_path / "log")
+    earlier = dict(norm="rmsnorm", norm_eps=1e-5, embed_norm=False)
+    common = dict(recipe="fast", max_steps=2, checkpoint_every=2, val_every=0, **FAST_LRS["fast"])
+    assert main(tiny_args(data_dir, log_dir, **common, **earlier)) == 0
+    path = checkpoints.checkpoint_path(log_dir, 2)
+    ckpt = load(path)
+    for config in (ckpt["config"], ckpt["train_config"]):  # as the code before norm_eps and embed_norm wrote them
+        del config["norm_eps"], config["embed_norm"]
+    torch.save(ckpt, path)
+    model, _ = checkpoints.load_model(path)
+    assert isinstance(model.transformer.ln_f, torch.nn.RMSNorm) and "ln_emb" not in model.transformer
+    assert (model.config.norm_eps, model.transformer.ln_f.eps, model.transformer.h[0].ln_1.eps) == (1e-5,) * 3
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    capsys.readouterr()
+    assert main(tiny_args(data_dir, log_dir, **dict(common, max_steps=4))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err == (
+        f"train_gpt2.py: error: {path}: trained with the earlier --recipe=fast block (RMSNorm with gains, eps 1e-5, no "
+        "embedding norm), not today's nanochat block: resume it with --recipe=fast --norm=rmsnorm --norm_eps=1e-05 "
+        "--embed_norm=false\n")
+    assert main(tiny_args(data_dir, log_dir, **dict(common, max_steps=4), **earlier)) == 0
+    assert sorted(losses(read_log(log_dir))) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("recipe", ["gpt2", "fast"])
 def test_resume_after_kill_9_is_bitwise_identical(data_dir, tmp_path, recipe):
     """A run killed with SIGKILL mid-way and resumed with --resume=auto logs exactly what an unbroken run logs and
@@ -807,8 +835,9 @@ def test_gpt2_recipe_log_is_what_it_was(data_dir, tmp_path):
 def test_recipes_resolve_their_defaults(tmp_path):
     assert parse_args([]) == train_gpt2.TrainConfig() == parse_args(["--recipe=gpt2"])
     fast = parse_args(["--recipe=fast"])
-    assert (fast.norm, fast.mlp, fast.pos_emb, fast.qk_norm, fast.tie_embeddings, fast.bias, fast.logit_softcap,
-            fast.zero_init) == ("rmsnorm", "relu2", "rope", True, False, False, 15.0, True)
+    assert (fast.norm, fast.norm_eps, fast.embed_norm, fast.mlp, fast.pos_emb, fast.qk_norm, fast.tie_embeddings,
+            fast.bias, fast.logit_softcap, fast.zero_init) == ("rmsnorm_nogain", 1e-6, True, "relu2", "rope", True,
+                                                               False, False, 15.0, True)
     assert (fast.optimizer, fast.max_lr, fast.min_lr, fast.schedule, fast.warmdown_frac, fast.warmup_steps,
             fast.weight_decay) == ("muon", 0.02, 0.0, "warmdown", 0.4, 0, 0.0)
     assert (fast.embedding_lr, fast.head_lr, fast.scalar_lr) == (0.2, 0.004, 0.04)
