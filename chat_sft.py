@@ -50,7 +50,7 @@ import torch.distributed as dist
 from checkpoints import (append_log, compare_configs, failure_context, find_checkpoint, load_model,
                          load_optimizer_state, locked_run_dir, model_from_checkpoint, prepare_log_dir,
                          save_run_checkpoint, set_rng_state)
-from export import save_pretrained
+from export import hf_architecture, save_pretrained
 from files import JSONLinesError, hub_offline, jsonl_records
 from guards import check_finite, check_ranges, check_same_step
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
@@ -502,9 +502,11 @@ def train(cfg, d):
     else:
         raw_model = initial_model(cfg.init_from, log)
     cfg = dataclasses.replace(cfg, block_size=row_length(cfg.block_size, raw_model.config.block_size))
-    if cfg.export_dir and not raw_model.config.is_gpt2:  # found out now, not after the training
-        raise ConfigError(f"--export_dir: transformers' GPT-2 cannot run this model "
-                          f"({raw_model.config.non_gpt2_fields()})")
+    if cfg.export_dir:  # found out now, not after the training: save_pretrained's own check
+        try:
+            hf_architecture(raw_model.config)
+        except ValueError as e:
+            raise ConfigError(f"--export_dir: {e}") from None
 
     t0 = time.perf_counter()
     train_rows, val_rows, val_source = load_rows(cfg, log)

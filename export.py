@@ -5,9 +5,9 @@ r"""Export a model trained here as a transformers directory: weights, config and
 
 Then `transformers.AutoModelForCausalLM.from_pretrained("my-gpt2")`, `AutoTokenizer`, `pipeline("text-generation")`
 work on it with this project's logits and token ids. A GPT-2 architecture (--recipe=gpt2) goes out as
-GPT2LMHeadModel; a padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens. Files are written
-into a temporary directory inside DIR first and moved into place one by one: an interrupted export never leaves a
-half-written file under its real name.
+GPT2LMHeadModel, --recipe=fast's (nanochat's block) as NanoChatForCausalLM; a padded vocabulary (50304) exports its
+first 50257 rows, the real GPT-2 tokens. Files are written into a temporary directory inside DIR first and moved
+into place one by one: an interrupted export never leaves a half-written file under its real name.
 
 The tokenizer files are OpenAI's GPT-2 tokenizer, rebuilt from tiktoken's mergeable ranks with no download:
 vocab.json and merges.txt (the same contents as OpenAI's encoder.json and vocab.bpe), and tokenizer.json +
@@ -28,44 +28,53 @@ from safetensors import SafetensorError
 
 from checkpoints import load_model
 from files import WriteError
-from model import GPT2_VOCAB_SIZE, is_conv1d_weight
+from model import GPT2_VOCAB_SIZE, NANOCHAT_SWITCHES, ROPE_BASE, is_conv1d_weight, to_nanochat
 from options import ConfigError, option, run
-from tokenizer import (ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, get_chat_encoding, get_encoding,
-                       is_chat_model)
+from tokenizer import (ASSISTANT_END, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, ENDOFTEXT, ENDOFTEXT_ID, get_chat_encoding,
+                       get_encoding, is_chat_model)
 
 
 # -----------------------------------------------------------------------------
-# the model: GPT-2's architecture as transformers' GPT2LMHeadModel
+# the model: GPT-2's architecture as transformers' GPT2LMHeadModel, --recipe=fast's as its NanoChatForCausalLM
+
+def hf_architecture(config):
+    """The transformers model that runs config's architecture (a model.GPTConfig): "gpt2" for GPT2LMHeadModel (every
+    switch GPT-2's), "nanochat" for NanoChatForCausalLM (model.NANOCHAT_SWITCHES, any norm_eps and logit_softcap).
+    Anything else: ValueError, one line naming the fields that keep it from the nearer of the two."""
+    if config.is_gpt2:
+        return "gpt2"
+    off_nanochat = {k: getattr(config, k) for k, v in NANOCHAT_SWITCHES.items() if getattr(config, k) != v}
+    if not off_nanochat:
+        return "nanochat"
+    off_gpt2 = config.non_gpt2_fields()
+    nearer, off = ("GPT-2", off_gpt2) if len(off_gpt2) <= len(off_nanochat) else ("NanoChat", off_nanochat)
+    changed = ", ".join(f"{k}={v!r}" + (" (gains)" if v == "rmsnorm" else "") for k, v in off.items())
+    nanochat = ", ".join(f"{k}={v!r}" for k, v in NANOCHAT_SWITCHES.items())
+    raise ValueError(f"cannot export {changed} as {nearer}: transformers has GPT2LMHeadModel (GPT-2's switches) and "
+                     f"NanoChatForCausalLM ({nanochat}; any norm_eps and logit_softcap)")
+
 
 def save_pretrained(model, directory, chat=False):
-    """Write a GPT's config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained(directory) loads
-    with the same logits, and GPT-2's tokenizer files (tokenizer.py), so AutoTokenizer and pipeline() work on the
-    directory. A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens.
+    """Write a GPT's config.json + model.safetensors that transformers' AutoModelForCausalLM.from_pretrained(directory)
+    loads with the same logits, and GPT-2's tokenizer files (tokenizer.py), so AutoTokenizer and pipeline() work on
+    the directory: GPT-2's architecture as GPT2LMHeadModel, --recipe=fast's as NanoChatForCausalLM (hf_architecture
+    says which, or why neither). A padded vocabulary (50304) exports its first 50257 rows, the real GPT-2 tokens.
     chat (a chat_sft.py model): the rows up to the last chat token (tokenizer.CHAT_VOCAB_SIZE, 50263), the
     tokenizer with the chat tokens and its chat_template, and <|assistant_end|> as the end of generation: in
     transformers, apply_chat_template(messages, add_generation_prompt=True) then generate() answers as chat.py."""
-    if not model.config.is_gpt2:
-        changed = ", ".join(f"{name}={value!r}" for name, value in model.config.non_gpt2_fields().items())
-        raise ValueError(f"cannot export {changed} as GPT-2: transformers' GPT2LMHeadModel has GPT-2's "
-                         "architecture only")
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    architecture = hf_architecture(model.config)
     c = model.config
     if chat and c.vocab_size < CHAT_VOCAB_SIZE:
         raise ValueError(f"a chat model needs the chat tokens' rows ({CHAT_VOCAB_SIZE}), this one has "
                          f"{c.vocab_size}: fine-tune it with chat_sft.py first")
     vocab = CHAT_VOCAB_SIZE if chat else min(c.vocab_size, GPT2_VOCAB_SIZE)
-    hf_config = GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # we train without dropout
-    hf = GPT2LMHeadModel(hf_config)
-    if chat:  # generate() ends a reply where chat.py does. pad = eos: generate() then takes no prompt token
-        # for padding when it guesses an attention mask (a pad of <|endoftext|> would mask every prompt's first)
-        hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = ASSISTANT_END
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     for k in ("transformer.wte.weight", "lm_head.weight"):
         sd[k] = sd[k][:vocab]
-    hf.load_state_dict({k: (v.t() if is_conv1d_weight(k) else v) for k, v in sd.items()}, strict=False)
+    hf = (gpt2_model if architecture == "gpt2" else nanochat_model)(c, vocab, sd)
+    if chat:  # generate() ends a reply where chat.py does. pad = eos: generate() then takes no prompt token
+        # for padding when it guesses an attention mask (a pad of <|endoftext|> would mask every prompt's first)
+        hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = ASSISTANT_END
     # write into a temporary sibling directory, then move each file into place: an interrupted export never
     # leaves a half-written model.safetensors under its real name
     try:
@@ -78,6 +87,38 @@ def save_pretrained(model, directory, chat=False):
         if isinstance(e, OSError):
             raise WriteError.of(directory, e) from e
         raise WriteError(directory, safetensors_reason(e)) from e
+
+
+def gpt2_model(c, vocab, sd):
+    """GPT2LMHeadModel with the weights sd (ours, fp32, vocab rows) of a GPT-2 architecture c."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # we train without dropout
+    hf = GPT2LMHeadModel(hf_config)
+    hf.load_state_dict({k: (v.t() if is_conv1d_weight(k) else v) for k, v in sd.items()}, strict=False)
+    return hf
+
+
+def nanochat_model(c, vocab, sd):
+    """NanoChatForCausalLM with the weights sd (ours, fp32, vocab rows) of a NANOCHAT_SWITCHES architecture c. Its
+    rotary tables are ours (rope_theta ROPE_BASE, head size n_embd / n_head) for block_size positions; bos = eos =
+    <|endoftext|> as in OpenAI's gpt2. The pad token is generate()'s only: in the config it would be the
+    embedding's padding_idx, a row that fine-tuning in transformers never trains."""
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+
+    hf_config = NanoChatConfig(vocab_size=vocab, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
+                               num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                               max_position_embeddings=c.block_size, hidden_act="relu2", rms_norm_eps=c.norm_eps,
+                               rope_parameters={"rope_type": "default", "rope_theta": ROPE_BASE},
+                               final_logit_softcapping=c.logit_softcap or None, attention_bias=False,
+                               tie_word_embeddings=False, bos_token_id=ENDOFTEXT_ID, eos_token_id=ENDOFTEXT_ID,
+                               pad_token_id=None)
+    hf = NanoChatForCausalLM(hf_config)
+    hf.load_state_dict(to_nanochat(sd, c))
+    hf.generation_config.pad_token_id = ENDOFTEXT_ID  # = eos: no prompt token is taken for padding
+    return hf
 
 
 def safetensors_reason(error):
@@ -204,10 +245,11 @@ def export(cfg):
     model, train_config = load_model(cfg.model)
     chat = is_chat_model(model, train_config)
     try:
+        kind = {"gpt2": "GPT-2", "nanochat": "NanoChat"}[hf_architecture(model.config)]
         save_pretrained(model, cfg.out, chat=chat)
     except ValueError as e:
         raise ConfigError(f"{cfg.model}: {e}") from None
-    print(f"exported {cfg.model} ({'a chat model' if chat else 'GPT-2'}, {model.num_params():,} parameters) to "
+    print(f"exported {cfg.model} ({kind}{', a chat model' if chat else ''}, {model.num_params():,} parameters) to "
           f"{cfg.out}: transformers.AutoModelForCausalLM.from_pretrained({cfg.out!r})")
 
 

@@ -384,26 +384,30 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """Load a transformers GPT-2 checkpoint: one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (or any hub id), or a
-        local directory with config.json and model.safetensors / pytorch_model.bin. Offline (HF_HUB_OFFLINE, or a hub
-        that does not answer) a hub id loads from the local HF cache only, or fails at once."""
+        local directory with config.json and model.safetensors / pytorch_model.bin; or a local NanoChat directory
+        (export.py's of a --recipe=fast model). Offline (HF_HUB_OFFLINE, or a hub that does not answer) a hub id
+        loads from the local HF cache only, or fails at once."""
         from huggingface_hub import constants
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel, NanoChatForCausalLM
 
-        offline = ""  # why only the local HF cache can serve a hub id
+        offline, model_type = "", "gpt2"  # offline: why only the local HF cache can serve a hub id
         if os.path.isdir(name_or_path):
-            _check_hf_dir(name_or_path)
+            model_type = _check_hf_dir(name_or_path)
         elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
             raise ValueError(f"{name_or_path}: not a directory holding a transformers GPT-2 checkpoint")
         else:
             offline = hub_offline(constants.HF_HUB_OFFLINE)
+        kind, hf_class = {"gpt2": ("GPT-2", GPT2LMHeadModel), "nanochat": ("NanoChat", NanoChatForCausalLM)}[model_type]
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=bool(offline))
+            hf = hf_class.from_pretrained(name_or_path, local_files_only=bool(offline))
         except Exception as e:  # network, hub id, or file format: say which model and why, in one line
             if offline:
                 raise ValueError(f"could not load GPT-2 {name_or_path!r}: {offline} and not in the local cache; "
                                  "pass a local transformers directory instead") from None
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"could not load GPT-2 {name_or_path!r}: {first_line}") from None
+            raise ValueError(f"could not load {kind} {name_or_path!r}: {first_line}") from None
+        if model_type == "nanochat":
+            return cls._from_nanochat(hf, name_or_path)
         hf_config = hf.config
         problems = []
         if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -431,8 +435,87 @@ class GPT(nn.Module):
         return model
 
 
+    @classmethod
+    def _from_nanochat(cls, hf, path):
+        """transformers' NanoChatForCausalLM hf, loaded from path, as the GPT of its architecture (--recipe=fast's)."""
+        from tokenizer import CHAT_VOCAB_SIZE
+
+        h = hf.config
+        rope = h.rope_parameters or {}
+        problems = []
+        if h.vocab_size > CHAT_VOCAB_SIZE:  # another tokenizer's (nanochat's own is 65536): our evals speak GPT-2 BPE
+            problems.append(f"vocab_size={h.vocab_size} (GPT-2's tokenizer has {CHAT_VOCAB_SIZE} ids with the chat "
+                            "tokens)")
+        if h.hidden_act != "relu2" or h.intermediate_size != 4 * h.hidden_size:
+            problems.append(f"hidden_act={h.hidden_act!r}, intermediate_size={h.intermediate_size}")
+        if h.num_key_value_heads != h.num_attention_heads:
+            problems.append(f"num_key_value_heads={h.num_key_value_heads}")
+        if getattr(h, "head_dim", None) not in (None, h.hidden_size // h.num_attention_heads):
+            problems.append(f"head_dim={h.head_dim}")
+        if rope.get("rope_type", "default") != "default" or rope.get("rope_theta") != ROPE_BASE:
+            problems.append(f"rope_parameters={rope}")
+        if h.attention_bias or h.tie_word_embeddings:
+            problems.append(f"attention_bias={h.attention_bias}, tie_word_embeddings={h.tie_word_embeddings}")
+        if problems:
+            raise ValueError(f"{path}: NanoChat variant this model cannot represent: {', '.join(problems)}")
+        config = GPTConfig(block_size=h.max_position_embeddings, vocab_size=h.vocab_size, n_layer=h.num_hidden_layers,
+                           n_head=h.num_attention_heads, n_embd=h.hidden_size, norm="rmsnorm_nogain",
+                           norm_eps=h.rms_norm_eps, embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
+                           tie_embeddings=False, bias=False, logit_softcap=h.final_logit_softcapping or 0.0)
+        model = cls(config)
+        model.load_state_dict(from_nanochat(hf.state_dict(), config))
+        return model
+
+
+NANOCHAT_SWITCHES = dict(norm="rmsnorm_nogain", embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
+                         tie_embeddings=False, bias=False)  # transformers' NanoChatForCausalLM: any norm_eps and cap
+
+
+def rotate_half_rows(w, n_head):
+    """q or k projection rows (n_embd, n_embd) for the other rotary convention: the second half of each head's rows
+    negated. apply_rope turns each pair (x1, x2) by +angle, transformers' rotate_half (cat(x2, -x1)) by -angle,
+    which gives (x1', -x2') on the pair (x1, -x2): q.k is the same, and the weightless QK-norm sees no sign. Its own
+    inverse."""
+    w = w.reshape(n_head, 2, -1, w.size(-1)).clone()  # (nh, halves, hs / 2, n_embd)
+    w[:, 1] = -w[:, 1]
+    return w.reshape(-1, w.size(-1))
+
+
+def nanochat_names(n_layer):
+    """{our weight name: NanoChatForCausalLM's} for every weight but c_attn's, which is its q, k and v_proj."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        names.update({ours + "attn.c_proj.weight": theirs + "self_attn.o_proj.weight",
+                      ours + "mlp.c_fc.weight": theirs + "mlp.fc1.weight",
+                      ours + "mlp.c_proj.weight": theirs + "mlp.fc2.weight"})
+    return names
+
+
+def to_nanochat(sd, config):
+    """Our state dict (NANOCHAT_SWITCHES) as transformers' NanoChatForCausalLM's."""
+    out = {theirs: sd[ours] for ours, theirs in nanochat_names(config.n_layer).items()}
+    for i in range(config.n_layer):
+        q, k, v = sd[f"transformer.h.{i}.attn.c_attn.weight"].split(config.n_embd)
+        theirs = f"model.layers.{i}.self_attn."
+        out.update({theirs + "q_proj.weight": rotate_half_rows(q, config.n_head),
+                    theirs + "k_proj.weight": rotate_half_rows(k, config.n_head), theirs + "v_proj.weight": v})
+    return out
+
+
+def from_nanochat(hf_sd, config):
+    """transformers' NanoChatForCausalLM state dict as ours: to_nanochat's inverse."""
+    out = {ours: hf_sd[theirs] for ours, theirs in nanochat_names(config.n_layer).items()}
+    for i in range(config.n_layer):
+        theirs = f"model.layers.{i}.self_attn."
+        q, k = (rotate_half_rows(hf_sd[theirs + f"{n}_proj.weight"], config.n_head) for n in "qk")
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([q, k, hf_sd[theirs + "v_proj.weight"]])
+    return out
+
+
 def _check_hf_dir(path):
-    """A local checkpoint must be transformers' GPT-2: say what is wrong before transformers tries to load it."""
+    """A local checkpoint must be transformers' GPT-2 or NanoChat: say what is wrong before transformers tries to load
+    it. Returns its model_type."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{path}: not a transformers checkpoint (no config.json)")
@@ -441,11 +524,13 @@ def _check_hf_dir(path):
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{config_file}: not a readable JSON object ({e})") from None
-    if model_type != "gpt2":
-        raise ValueError(f"{config_file}: model_type is {model_type!r}, not a GPT-2 checkpoint ('gpt2')")
+    if model_type not in ("gpt2", "nanochat"):
+        raise ValueError(f"{config_file}: model_type is {model_type!r}, not a GPT-2 ('gpt2') or NanoChat ('nanochat') "
+                         "checkpoint")
     weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
     if not any(os.path.exists(os.path.join(path, w)) for w in weights):
         raise ValueError(f"{path}: no weights (expected model.safetensors or pytorch_model.bin)")
+    return model_type
 
 
 def is_conv1d_weight(name):
