@@ -74,8 +74,8 @@ class TrainConfig:
     bias: bool = option(True, "biases in the linear layers and layer norms")
     logit_softcap: float = option(0.0, "cap * tanh(logits / cap) (0: off)")
     zero_init: bool = option(False, "residual projections (and an untied head) start at zero")
-    init: str = option("gpt2", "gpt2: N(0, 0.02) | nanochat: wte N(0, 1), head N(0, 0.001), blocks std 1/sqrt(n_embd), "
-                               "residual projections 0 (untied only)")
+    init: str = option("gpt2", "gpt2: N(0, 0.02) | nanochat (an untied head only): wte N(0, 1), head N(0, 0.001), "
+                               "blocks' matrices std 1/sqrt(n_embd), residual projections 0")
     batch_size: int | str = option("auto", "micro-batch per process; auto: the largest up to 64 that fits in memory",
                                    type=auto_or_int, metavar="auto|int", section="batch: total_batch_size tokens = "
                                    "batch_size * block_size * processes * grad_accum_steps")
