@@ -53,7 +53,7 @@ def check_config(cfg, world_size):
                                 "max_steps", "num_samples", "sample_length"),
                  non_negative=("warmup_steps", "val_every", "hellaswag_every", "hellaswag_limit", "sample_every",
                                "checkpoint_every", "keep_checkpoints", "weight_decay", "grad_clip", "min_lr",
-                               "embedding_lr", "head_lr", "scalar_lr", "logit_softcap"))
+                               "embedding_lr", "head_lr", "scalar_lr", "muon_momentum_warmup", "logit_softcap"))
     try:  # the architecture switches, checked by the model's own config
         model_config(cfg)
     except ValueError as e:
@@ -115,6 +115,7 @@ def check_start(cfg, start, source, log=print):
         if (differ and cfg.recipe == "fast" and all(getattr(config, k) == v for k, v in earlier.items())
                 and all(getattr(config, k) == getattr(cfg, k) for k in fields if k not in earlier)):
             resume = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in earlier.items())
+            resume += " --muon_momentum_warmup=0"  # nor did its Muon warm up its momentum: the run continues as it was
             raise ConfigError(f"{source}: trained with the earlier --recipe=fast block (RMSNorm with gains, eps "
                               f"1e-5, no embedding norm), not today's nanochat block: resume it with --recipe=fast "
                               f"{resume}")

@@ -21,6 +21,7 @@ from files import hub_offline
 
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary
 PADDED_VOCAB_SIZE = 50304  # GPT-2's padded to 393 * 128: friendlier matmul shapes on a GPU; train_gpt2.py's default
+INITS = ("gpt2", "nanochat")  # GPTConfig.init
 CHOICES = {"norm": ("layernorm", "rmsnorm", "rmsnorm_nogain"), "mlp": ("gelu", "swiglu", "relu2"),
            "pos_emb": ("learned", "rope")}
 
@@ -46,6 +47,10 @@ class GPTConfig:
     # zero-initialize the residual projections (attn.c_proj, mlp.c_proj), and lm_head when untied (a tied one is also
     # the input embedding, which must not be zero). An init, not an architecture: a zero_init model is still GPT-2.
     zero_init: bool = False
+    # the initial weights, an init too: "gpt2" N(0, 0.02), the residual projections scaled by 1/sqrt(2 * n_layer);
+    # "nanochat" (its gpt.py's init_weights, for a norm after the embedding and an untied head): wte N(0, 1), lm_head
+    # N(0, 0.001), the blocks' other matrices uniform with std 1/sqrt(n_embd), the residual projections at zero
+    init: str = "gpt2"
 
     def __post_init__(self):
         for name, choices in CHOICES.items():
@@ -66,9 +71,13 @@ class GPTConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size "
                              f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+        if self.init not in INITS:
+            raise ValueError(f"init must be {' or '.join(map(repr, INITS))}, got {self.init!r}")
+        if self.init == "nanochat" and self.tie_embeddings:
+            raise ValueError("init='nanochat' needs tie_embeddings=False: its wte of std 1 would be the head too")
 
     def non_gpt2_fields(self):
-        """{name: value} of the architecture fields that differ from GPT-2's; never zero_init, an init only."""
+        """{name: value} of the architecture fields that differ from GPT-2's; never zero_init or init, inits only."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         names = ("norm", "norm_eps", "embed_norm", "mlp", "pos_emb", "qk_norm", "tie_embeddings", "bias",
                  "logit_softcap")
@@ -304,10 +313,12 @@ class GPT(nn.Module):
         # their init scaled by 1/sqrt(2 * n_layer) keeps its scale. zero_init: at 0, every block starts as the identity
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                if config.zero_init:
+                if config.zero_init or config.init == "nanochat":
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 * (2 * config.n_layer) ** -0.5)
+        if config.init == "nanochat":
+            self._init_nanochat()
         if config.zero_init and not config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
 
@@ -316,6 +327,19 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def _init_nanochat(self):
+        # wte's rows at RMS 1, what the norm after the embedding makes of them anyway: AdamW's steps (of about its lr
+        # per element) then change a row by a fraction of its size, where 0.02 rows would be swamped by the first one.
+        # The head small, not zero: its gradient into the blocks is then small but not zero, and Muon's orthogonalized
+        # updates do not depend on a gradient's size, so the blocks learn from the first step on.
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        bound = (3 / self.config.n_embd) ** 0.5  # uniform(-b, b) has std b / sqrt(3), and no outliers
+        for name, p in self.transformer.h.named_parameters():
+            if p.dim() == 2 and not name.endswith("c_proj.weight"):  # c_attn, c_fc: n_embd inputs
+                nn.init.uniform_(p, -bound, bound)
 
     def num_params(self, non_embedding=False):
         """Parameters, a tied wte/lm_head counted once; non_embedding: without the lookup tables, which cost no matmul

@@ -31,6 +31,7 @@ def configure_optimizers(model, cfg, device_type, verbose=False):
     return adamw(model, lr=cfg.max_lr, **kw)
 
 
+MUON_MOMENTUM = 0.95  # Muon's (Nesterov) momentum: torch's default, modded-nanogpt's and nanochat's
 FUSED_ADAMW_DEVICES = ("cuda", "mps")  # one kernel for all parameters instead of a loop of small ones per tensor
 MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon
 
@@ -60,7 +61,7 @@ def adamw(model, *, lr, weight_decay, betas, eps, device_type, verbose=False):
 
 
 def muon_adamw(model, *, lr, embedding_lr, head_lr, scalar_lr, weight_decay, betas, eps, device_type, verbose=False,
-               momentum=0.95):
+               momentum=MUON_MOMENTUM):
     """A MuonAdamW: Muon at lr (momentum, weight_decay) for the blocks' matrices; AdamW (betas, eps, no weight decay)
     for the lm_head (tied or not) at head_lr, the untied wte and the wpe at embedding_lr, the norm gains and biases
     at scalar_lr. Each group's "lr_scale" is its lr over lr, the schedule's peak: train_step sets group["lr"] to the
@@ -179,15 +180,28 @@ def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", 
     return min_lr + coeff * (max_lr - min_lr)
 
 
+def get_muon_momentum(step, warmup_steps, start=0.85, end=MUON_MOMENTUM):
+    """Muon's momentum at optimizer step `step` (0-based): linear from start at step 0 to end at warmup_steps, end
+    from then on (warmup_steps 0: end throughout). modded-nanogpt's and nanochat's warmup: 0.85 to 0.95 over 300."""
+    # Early on the gradient's direction changes fast: 0.85 averages over ~7 steps (1 / (1 - momentum)) and follows
+    # it more closely than 0.95's ~20, the smoother average for later (an empirical schedule, tuned in speedruns).
+    if step >= warmup_steps:
+        return end
+    frac = step / warmup_steps
+    return (1 - frac) * start + frac * end
+
+
 def due(step, every, last):
     """Whether a periodic task (every N steps, 0: never) runs at step: at its multiples and at the last step."""
     return every > 0 and (step % every == 0 or last)
 
 
-def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None):
+def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None,
+               momentum=None):
     """One optimizer step over the micro-batches [(x, y), ...] -> (mean loss of all ranks, gradient norm before
-    clipping) as device tensors: nothing here waits for the device. also_reduce (ddp): a 1-D device tensor replaced by
-    its sum over the ranks, in the loss's all-reduce (the stop flags: no collective of their own)."""
+    clipping) as device tensors: nothing here waits for the device. momentum: Muon's for this step (None: as it is).
+    also_reduce (ddp): a 1-D device tensor replaced by its sum over the ranks, in the loss's all-reduce (the stop
+    flags: no collective of their own)."""
     optimizer.zero_grad(set_to_none=True)
     grad_accum_steps = len(batches)
     loss_accum = torch.zeros((), device=batches[0][0].device)
@@ -214,5 +228,7 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon+AdamW: each group its own peak (muon_adamw)
+        if momentum is not None and "momentum" in group:  # Muon's group (AdamW's have betas instead)
+            group["momentum"] = momentum
     optimizer.step()
     return loss_accum, grad_norm

@@ -32,7 +32,7 @@ from checkpoints import (append_log, compare_configs, failure_context, find_chec
 from files import REFERENCES, shard_pattern
 from guards import check_config, check_finite, check_same_step, check_start, fit_micro_batch, model_config
 from model import GPT, PADDED_VOCAB_SIZE
-from optim import configure_optimizers, due, get_lr, train_step
+from optim import configure_optimizers, due, get_lr, get_muon_momentum, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, Writes, autocast, dist_from_env, get_device, init_distributed, peak_flops,
                      peak_memory_bytes, script_main, setup_precision, step_progress, wrap_ddp)
@@ -84,6 +84,8 @@ class TrainConfig:
     bias: bool = option(True, "biases in the linear layers and layer norms")
     logit_softcap: float = option(0.0, "cap * tanh(logits / cap) (0: off)")
     zero_init: bool = option(False, "residual projections (and an untied head) start at zero")
+    init: str = option("gpt2", "gpt2: N(0, 0.02) | nanochat (an untied head only): wte N(0, 1), head N(0, 0.001), "
+                               "blocks' matrices std 1/sqrt(n_embd), residual projections 0")
     batch_size: int | str = option("auto", "micro-batch per process; auto: the largest up to 64 that fits in memory",
                                    type=auto_or_int, metavar="auto|int", section="batch: total_batch_size tokens = "
                                    "batch_size * block_size * processes * grad_accum_steps")
@@ -95,6 +97,8 @@ class TrainConfig:
     embedding_lr: float = option(0.2, "muon only: the AdamW peak lr of the token (and position) embeddings")
     head_lr: float = option(0.004, "muon only: the AdamW peak lr of the output head")
     scalar_lr: float = option(0.04, "muon only: the AdamW peak lr of norm gains and biases")
+    muon_momentum_warmup: int = option(0, "muon only: steps over which Muon's momentum rises from 0.85 to 0.95 (0: "
+                                          "0.95 throughout)")
     schedule: str = option("cosine", "cosine | warmdown (constant, then linear to min_lr over warmdown_frac)")
     warmdown_frac: float = option(0.4, "warmdown only: the fraction of max_steps spent decaying to min_lr")
     warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
@@ -138,7 +142,7 @@ def recipe_defaults(recipe, cfg):
                 logit_softcap=15.0, zero_init=True, optimizer="muon", max_lr=0.02, min_lr=0.0,
                 embedding_lr=0.2 * width_scale, head_lr=0.004 * width_scale, scalar_lr=0.04 * width_scale,
                 weight_decay=0.0, beta1=0.8, beta2=0.95, eps=1e-10, schedule="warmdown", warmdown_frac=0.4,
-                warmup_steps=0)
+                warmup_steps=0, muon_momentum_warmup=300)
 
 
 def parse_config(argv):
@@ -502,6 +506,7 @@ def train(cfg, d):
             flags = stop.flags(device) if d.ddp else None
             loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
                                          device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp,
+                                         momentum=get_muon_momentum(step, cfg.muon_momentum_warmup),
                                          also_reduce=flags)
             if step + 1 < cfg.max_steps:  # the host reads and copies the next step's input while the device works
                 loader.prefetch(s.grad_accum_steps)

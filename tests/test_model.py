@@ -174,6 +174,35 @@ def test_switches_train(switches):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_nanochat_init():
+    """init='nanochat': wte N(0, 1), an untied lm_head N(0, 0.001), c_attn and c_fc uniform with std 1/sqrt(n_embd),
+    the residual projections 0; the architecture is the same (the state_dict's keys and shapes), and it trains."""
+    torch.manual_seed(0)
+    config = GPTConfig(**SMALL, **dict(FAST, zero_init=False), init="nanochat")
+    model = GPT(config)
+    assert model.state_dict().keys() == GPT(GPTConfig(**SMALL, **FAST)).state_dict().keys()
+    assert config.non_gpt2_fields() == GPTConfig(**SMALL, **FAST).non_gpt2_fields()  # an init, not an architecture
+    assert_close(model.transformer.wte.weight.std().item(), 1.0, rtol=0.02, atol=0)
+    assert_close(model.lm_head.weight.std().item(), 0.001, rtol=0.02, atol=0)
+    bound = (3 / SMALL["n_embd"]) ** 0.5
+    for block in model.transformer.h:
+        for w in (block.attn.c_attn.weight, block.mlp.c_fc.weight):
+            assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # uniform in [-bound, bound]
+            assert_close(w.std().item(), SMALL["n_embd"] ** -0.5, rtol=0.05, atol=0)
+        assert torch.count_nonzero(block.attn.c_proj.weight) == 0 and torch.count_nonzero(block.mlp.c_proj.weight) == 0
+    opt = adamw(model, lr=5e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+    x, y = pattern_batch()
+    losses = []
+    for _ in range(15):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert_close(losses[0], math.log(256), rtol=1e-3, atol=0)  # a head of 0.001: logits near 0, near uniform
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
 def test_state_dict_keys_default_and_fast():
     blocks = [f"transformer.h.0.{m}.{p}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc",
                                                     "mlp.c_proj") for p in ("weight", "bias")]
@@ -308,6 +337,8 @@ def test_nanochat_block():
     ("norm_eps", True, "norm_eps must be"),
     ("norm_eps", float("nan"), "norm_eps must be"),
     ("embed_norm", 1, "embed_norm must be True or False"),
+    ("init", "xavier", "init must be 'gpt2' or 'nanochat', got 'xavier'"),
+    ("init", "nanochat", "init='nanochat' needs tie_embeddings=False"),
 ])
 def test_bad_switches(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -10,7 +10,8 @@ import torch
 from torch.testing import assert_close
 
 from model import GPT, GPTConfig
-from optim import MuonAdamW, adamw, configure_optimizers, get_lr, muon_adamw, train_step
+from optim import (MUON_MOMENTUM, MuonAdamW, adamw, configure_optimizers, get_lr, get_muon_momentum, muon_adamw,
+                   train_step)
 from test_model import FAST, SMALL, TINY, pattern_batch
 from train_gpt2 import parse_config
 
@@ -37,6 +38,33 @@ def test_warmdown_schedule():
     assert get_lr(80, **kw) == pytest.approx(0.01) and get_lr(99, **kw) == pytest.approx(0.0005)
     assert get_lr(100, **kw) == 0.0
     assert get_lr(4, **{**kw, "warmup_steps": 10}) == pytest.approx(0.01)  # warmup as in the cosine schedule
+
+
+def test_muon_momentum_warmup():
+    """modded-nanogpt's and nanochat's: 0.85 at step 0, linear to 0.95 at step 300, 0.95 after; 0 steps: 0.95."""
+    assert [get_muon_momentum(s, 300) for s in (0, 150, 300, 1000)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert get_muon_momentum(299, 300) < 0.95 and get_muon_momentum(0, 0) == MUON_MOMENTUM == 0.95
+    moms = [get_muon_momentum(s, 300) for s in range(302)]
+    assert all(a < b for a, b in zip(moms[:300], moms[1:301])) and moms[300] == moms[301]
+
+
+def test_train_step_sets_muons_momentum():
+    """train_step's momentum reaches Muon's group (torch's Muon reads it each step) and no AdamW group: two steps at
+    momentum 0.85 of an optimizer built at 0.95 equal two steps of one built at 0.85."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **FAST))
+    ref, unchanged = copy.deepcopy(model), copy.deepcopy(model)
+    opt, ref_opt, unchanged_opt = muon_optimizer(model), muon_optimizer(ref, momentum=0.85), muon_optimizer(unchanged)
+    kw = dict(lr=0.02, grad_clip=1.0, device_type="cpu", autocast_dtype=None, ddp=False)
+    for _ in range(3):  # zero_init leaves c_fc's first gradient at 0: the momentum shows from the third step on
+        train_step(model, opt, [pattern_batch()], momentum=0.85, **kw)
+        train_step(ref, ref_opt, [pattern_batch()], **kw)
+        train_step(unchanged, unchanged_opt, [pattern_batch()], **kw)  # None: the 0.95 it was built with
+    assert [g.get("momentum") for g in opt.param_groups] == [0.85, None, None, None]
+    assert unchanged_opt.param_groups[0]["momentum"] == 0.95
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, unchanged.transformer.h[0].mlp.c_fc.weight)
 
 
 def test_train_step_accumulation_equals_one_big_batch():

@@ -418,8 +418,8 @@ def test_earlier_fast_block_checkpoint_loads_and_resumes(data_dir, tmp_path, cap
     assert err.count("\n") == 1 and err == (
         f"train_gpt2.py: error: {path}: trained with the earlier --recipe=fast block (RMSNorm with gains, eps 1e-5, no "
         "embedding norm), not today's nanochat block: resume it with --recipe=fast --norm=rmsnorm --norm_eps=1e-05 "
-        "--embed_norm=false\n")
-    assert main(tiny_args(data_dir, log_dir, **dict(common, max_steps=4), **earlier)) == 0
+        "--embed_norm=false --muon_momentum_warmup=0\n")
+    assert main(tiny_args(data_dir, log_dir, **dict(common, max_steps=4), **earlier, muon_momentum_warmup=0)) == 0
     assert sorted(losses(read_log(log_dir))) == [0, 1, 2, 3]
 
 
@@ -841,6 +841,7 @@ def test_recipes_resolve_their_defaults(tmp_path):
     assert (fast.optimizer, fast.max_lr, fast.min_lr, fast.schedule, fast.warmdown_frac, fast.warmup_steps,
             fast.weight_decay) == ("muon", 0.02, 0.0, "warmdown", 0.4, 0, 0.0)
     assert (fast.embedding_lr, fast.head_lr, fast.scalar_lr) == (0.2, 0.004, 0.04)
+    assert (fast.muon_momentum_warmup, parse_args([]).muon_momentum_warmup) == (300, 0)
     # an option given explicitly wins; the AdamW lrs follow the width (nanochat's 1/sqrt(d_model) rule)
     narrow = parse_args(["--recipe=fast", "--n_embd=192", "--n_head=3", "--max_lr=0.01", "--head_lr=0.001"])
     assert (narrow.max_lr, narrow.head_lr, narrow.embedding_lr, narrow.scalar_lr) == (0.01, 0.001, 0.4, 0.08)
@@ -895,6 +896,7 @@ def test_size_errors_and_help(capsys, tmp_path):
     (["--optimizer=sgd"], "need --optimizer adamw or muon"),
     (["--warmdown_frac=1.5"], "--warmdown_frac must be in [0, 1]"),
     (["--logit_softcap=-1"], "--logit_softcap must be >= 0"),
+    (["--recipe=fast", "--muon_momentum_warmup=-1"], "--muon_momentum_warmup must be >= 0"),
 ])
 def test_recipe_option_errors(args, message, capsys, tmp_path):
     assert main(args + [f"--log_dir={tmp_path}"]) == 2
