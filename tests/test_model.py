@@ -145,6 +145,20 @@ def pattern_batch(B=4, T=32, vocab=256, period=8):
     return rows[:, :-1], rows[:, 1:]
 
 
+def pattern_losses(model, steps=15):
+    """The losses of `steps` AdamW steps of model on pattern_batch()."""
+    opt = adamw(model, lr=5e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+    x, y = pattern_batch()
+    losses = []
+    for _ in range(steps):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("switches", SWITCHES, ids=switches_id)
 def test_switches_train(switches):
     torch.manual_seed(0)
@@ -160,15 +174,7 @@ def test_switches_train(switches):
                    for b in blocks)
         # an untied head starts at 0; a tied one is the input embedding and keeps its init
         assert (torch.count_nonzero(model.lm_head.weight) == 0) == (not c.tie_embeddings)
-    opt = adamw(model, lr=5e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
-    x, y = pattern_batch()
-    losses = []
-    for _ in range(15):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = pattern_losses(model)
     if c.zero_init and not c.tie_embeddings:
         assert_close(losses[0], math.log(256))  # all logits 0: the uniform distribution
     assert losses[-1] < 0.6 * losses[0], losses
@@ -190,15 +196,7 @@ def test_nanochat_init():
             assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # uniform in [-bound, bound]
             assert_close(w.std().item(), SMALL["n_embd"] ** -0.5, rtol=0.05, atol=0)
         assert torch.count_nonzero(block.attn.c_proj.weight) == 0 and torch.count_nonzero(block.mlp.c_proj.weight) == 0
-    opt = adamw(model, lr=5e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
-    x, y = pattern_batch()
-    losses = []
-    for _ in range(15):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = pattern_losses(model)
     assert_close(losses[0], math.log(256), rtol=1e-3, atol=0)  # a head of 0.001: logits near 0, near uniform
     assert losses[-1] < 0.6 * losses[0], losses
 
