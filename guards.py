@@ -229,9 +229,11 @@ def memory_estimate(config, T, device, autocast_dtype, start):
         n_params = GPT(config).num_params()
 
     def need(b):
-        return f"~{train_memory_bytes(config, n_params, b or 1, T, device.type == 'mps') / GB:.1f} GB, {where}"
-    return (lambda b: train_memory_bytes(config, n_params, b, T, device.type == "mps") <= budget,
-            lambda b: f"would need {need(b)}", lambda b: f"needs {need(b)}")
+        return train_memory_bytes(config, n_params, b, T, attention_matrix=device.type == "mps")
+
+    def text(b):
+        return f"~{need(b or 1) / GB:.1f} GB, {where}"  # b None: the smallest, 1
+    return lambda b: need(b) <= budget, lambda b: f"would need {text(b)}", lambda b: f"needs {text(b)}"
 
 
 def largest_fitting(candidates, fits, first=None):

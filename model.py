@@ -525,9 +525,8 @@ class GPT(nn.Module):
         if problems:
             raise ValueError(f"{path}: NanoChat variant this model cannot represent: {', '.join(problems)}")
         config = GPTConfig(block_size=h.max_position_embeddings, vocab_size=h.vocab_size, n_layer=h.num_hidden_layers,
-                           n_head=h.num_attention_heads, n_embd=h.hidden_size, norm="rmsnorm_nogain",
-                           norm_eps=h.rms_norm_eps, embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
-                           tie_embeddings=False, bias=False, logit_softcap=h.final_logit_softcapping or 0.0)
+                           n_head=h.num_attention_heads, n_embd=h.hidden_size, **NANOCHAT_SWITCHES,
+                           norm_eps=h.rms_norm_eps, logit_softcap=h.final_logit_softcapping or 0.0)
         model = cls(config)
         model.load_state_dict(from_nanochat(hf.state_dict(), config))
         return model

@@ -31,7 +31,7 @@ from checkpoints import (append_log, compare_configs, failure_context, find_chec
                          save_run_checkpoint, set_rng_state)
 from files import REFERENCES, shard_pattern
 from guards import check_config, check_finite, check_same_step, check_start, fit_micro_batch, model_config
-from model import GPT, PADDED_VOCAB_SIZE
+from model import GPT, NANOCHAT_SWITCHES, PADDED_VOCAB_SIZE
 from optim import configure_optimizers, due, get_lr, get_muon_momentum, train_step
 from options import ConfigError, help_text, option, parse
 from runtime import (StopSignal, Writes, autocast, dist_from_env, get_device, init_distributed, peak_flops,
@@ -54,6 +54,8 @@ def auto_or_int(text):
 # nearest in size (GPT-3 paper, Table 2.1: 125M, 350M, 760M, 1.3B); small is TrainConfig's defaults
 SIZES = {"small": (12, 12, 768, 6e-4, 2**19), "medium": (24, 16, 1024, 3e-4, 2**19),
          "large": (36, 20, 1280, 2.5e-4, 2**19), "xl": (48, 25, 1600, 2e-4, 2**20)}
+WARMUP_TOKENS = 375_000_000  # GPT-3's warmup, whatever the batch
+EPOCH_TOKENS = 10_000_000_000  # one epoch of FineWeb-Edu 10B
 
 
 @dataclass
@@ -66,10 +68,7 @@ class TrainConfig:
     n_layer: int = option(12, "transformer blocks", section="model: GPT-2 small")
     n_head: int = option(12, "attention heads (n_embd must be a multiple)")
     n_embd: int = option(768, "width of the residual stream")
-    size: str = option("small", "GPT-2's shape, n_layer/n_head/n_embd: " + ", ".join(
-        f"{k} {v[0]}/{v[1]}/{v[2]}" for k, v in SIZES.items()) + "; --recipe=gpt2 also takes GPT-3's max_lr, batch "
-        "and min_lr = max_lr / 10 for it (" + ", ".join(f"{k} {v[3]:g} {v[4] / 2**20:g}M" for k, v in SIZES.items())
-        + " tokens), warmup_steps and max_steps for its 375M and 10B tokens", choices=tuple(SIZES))
+    size: str = option("small", "GPT-2's shape (small, medium, large, xl: listed at the end)", choices=tuple(SIZES))
     vocab_size: int = option(PADDED_VOCAB_SIZE, "rows of the token embedding: GPT-2's 50257 padded to 393 * 128")
     block_size: int = option(1024, "sequence length T")
     init_from: str = option("scratch", "or a GPT-2 to start from: gpt2, gpt2-medium..., a transformers directory")
@@ -101,8 +100,8 @@ class TrainConfig:
                                           "0.95 throughout)")
     schedule: str = option("cosine", "cosine | warmdown (constant, then linear to min_lr over warmdown_frac)")
     warmdown_frac: float = option(0.4, "warmdown only: the fraction of max_steps spent decaying to min_lr")
-    warmup_steps: int = option(715, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
-    max_steps: int = option(19073, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
+    warmup_steps: int = option(WARMUP_TOKENS // 2**19, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
+    max_steps: int = option(EPOCH_TOKENS // 2**19, "10B tokens / 2**19 tokens per step: one epoch of FineWeb-Edu 10B")
     weight_decay: float = option(0.1, "on matrices and embeddings only (muon: on the matrices only)")
     beta1: float = option(0.9, "AdamW's betas and eps (GPT-3's)")
     beta2: float = option(0.95, "")
@@ -137,8 +136,7 @@ def recipe_defaults(recipe, cfg):
     if recipe != "fast":
         raise ConfigError(f"--recipe must be gpt2 or fast, got {recipe!r}")
     width_scale = (cfg.n_embd / 768) ** -0.5
-    return dict(norm="rmsnorm_nogain", norm_eps=1e-6, embed_norm=True, mlp="relu2", pos_emb="rope", qk_norm=True,
-                tie_embeddings=False, bias=False,  # the block of nanochat, as transformers' NanoChatForCausalLM
+    return dict(**NANOCHAT_SWITCHES, norm_eps=1e-6,  # nanochat's block, as transformers' NanoChatForCausalLM
                 logit_softcap=15.0, zero_init=True, optimizer="muon", max_lr=0.02, min_lr=0.0,
                 embedding_lr=0.2 * width_scale, head_lr=0.004 * width_scale, scalar_lr=0.04 * width_scale,
                 weight_decay=0.0, beta1=0.8, beta2=0.95, eps=1e-10, schedule="warmdown", warmdown_frac=0.4,
@@ -154,8 +152,8 @@ def parse_config(argv):
         n_layer, n_head, n_embd, lr, batch = SIZES[cfg.size]
         sized = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         if cfg.recipe == "gpt2":
-            sized.update(max_lr=lr, min_lr=lr / 10, total_batch_size=batch, warmup_steps=375_000_000 // batch,
-                         max_steps=10_000_000_000 // batch)
+            sized.update(max_lr=lr, min_lr=lr / 10, total_batch_size=batch, warmup_steps=WARMUP_TOKENS // batch,
+                         max_steps=EPOCH_TOKENS // batch)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in sized.items() if k not in given})
     return dataclasses.replace(cfg, **{k: v for k, v in recipe_defaults(cfg.recipe, cfg).items() if k not in given})
 
@@ -591,6 +589,11 @@ def print_help():
     print(help_text(TrainConfig, SCRIPT, __doc__) + "\n\n  --recipe=fast sets (for the default n_embd 768; the AdamW "
           "lrs scale as (768 / n_embd) ** 0.5):\n    " +
           " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in fast.items()))
+    print("\n  --size sets GPT-2's n_layer/n_head/n_embd:\n    " +
+          ", ".join(f"{k} {n_layer}/{n_head}/{n_embd}" for k, (n_layer, n_head, n_embd, _, _) in SIZES.items()) +
+          "\n  and, under --recipe=gpt2, GPT-3's max_lr and batch for it (min_lr = max_lr / 10, warmup_steps and "
+          "max_steps for 375M and 10B tokens):\n    " +
+          ", ".join(f"{k} {lr:g} {batch / 2**20:g}M" for k, (*_, lr, batch) in SIZES.items()) + " tokens")
     return 0
 
 
