@@ -5,9 +5,8 @@ r"""Train GPT-2 (124M) on FineWeb-Edu 10B with the GPT-3 small recipe, on 1 to N
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # 8 GPUs on one node
     python train_gpt2.py --recipe=fast                         # the modern recipe: fewer steps to GPT-2's val loss
 
-Every default below is an option (--name=value or --name value; --help lists them). Stop it any time (Ctrl-C, kill
--9, a lost node) and run the same command again: it continues from the newest checkpoint in log_dir with the losses
-an unbroken run would have had. log_dir/log.txt is build-nanogpt's format: `python plot.py log/log.txt` draws it.
+Every default below is an option (--help lists them). Stopped any way (Ctrl-C, kill -9), the same command continues
+from the newest checkpoint in log_dir, as an unbroken run would have. `python plot.py log/log.txt` draws the log.
 """
 
 import contextlib
@@ -60,8 +59,8 @@ EPOCH_TOKENS = 10_000_000_000  # one epoch of FineWeb-Edu 10B
 
 @dataclass
 class TrainConfig:
-    recipe: str = option("gpt2", "gpt2: GPT-3 small's, every default below; fast: the modern one (--help lists what "
-                                 "it sets; an option given still wins)", section="recipe")
+    recipe: str = option("gpt2", "gpt2: GPT-3 small's, the defaults below; fast: the modern one (listed at the end)",
+                         section="recipe")
     data_dir: str = option(os.path.join(os.path.dirname(os.path.abspath(__file__)), "edu_fineweb10B"),
                            "fineweb.py's token shards", section="data and output")
     log_dir: str = option("log", "log.txt, config.json and checkpoints model_NNNNN.pt")
@@ -83,8 +82,7 @@ class TrainConfig:
     bias: bool = option(True, "biases in the linear layers and layer norms")
     logit_softcap: float = option(0.0, "cap * tanh(logits / cap) (0: off)")
     zero_init: bool = option(False, "residual projections (and an untied head) start at zero")
-    init: str = option("gpt2", "gpt2: N(0, 0.02) | nanochat (an untied head only): wte N(0, 1), head N(0, 0.001), "
-                               "blocks' matrices std 1/sqrt(n_embd), residual projections 0")
+    init: str = option("gpt2", "gpt2: N(0, 0.02) | nanochat: its init_weights, for an untied head (model.py)")
     batch_size: int | str = option("auto", "micro-batch per process; auto: the largest up to 64 that fits in memory",
                                    type=auto_or_int, metavar="auto|int", section="batch: total_batch_size tokens = "
                                    "batch_size * block_size * processes * grad_accum_steps")
@@ -96,8 +94,7 @@ class TrainConfig:
     embedding_lr: float = option(0.2, "muon only: the AdamW peak lr of the token (and position) embeddings")
     head_lr: float = option(0.004, "muon only: the AdamW peak lr of the output head")
     scalar_lr: float = option(0.04, "muon only: the AdamW peak lr of norm gains and biases")
-    muon_momentum_warmup: int = option(0, "muon only: steps over which Muon's momentum rises from 0.85 to 0.95 (0: "
-                                          "0.95 throughout)")
+    muon_momentum_warmup: int = option(0, "muon only: steps of Muon's momentum rising 0.85 -> 0.95 (0: 0.95 all along)")
     schedule: str = option("cosine", "cosine | warmdown (constant, then linear to min_lr over warmdown_frac)")
     warmdown_frac: float = option(0.4, "warmdown only: the fraction of max_steps spent decaying to min_lr")
     warmup_steps: int = option(WARMUP_TOKENS // 2**19, "GPT-3 warms up over 375M tokens: 375e6 / 2**19")
@@ -128,9 +125,8 @@ class TrainConfig:
 
 
 def recipe_defaults(recipe, cfg):
-    """{option: value} a recipe sets instead of TrainConfig's defaults, for a model as wide as cfg's. fast: the block
-    and optimizer of modded-nanogpt and nanochat (docs/training.md); AdamW's lrs shrink as 1/sqrt(width), nanochat's
-    rule, tuned at 768 wide."""
+    """{option: value} a recipe sets for a model as wide as cfg's. fast: modded-nanogpt's and nanochat's block and
+    optimizer (docs/training.md); AdamW's lrs shrink as 1/sqrt(width), nanochat's rule, tuned at 768 wide."""
     if recipe == "gpt2":
         return {}
     if recipe != "fast":
@@ -144,9 +140,15 @@ def recipe_defaults(recipe, cfg):
 
 
 def parse_config(argv):
-    """TrainConfig's defaults, replaced by the size's (--size), then by the recipe's (--recipe: its lrs follow the
-    size's width), then by the options given."""
+    """TrainConfig from the options given; under --size or another --recipe, their defaults fill in the rest."""
     cfg, given = parse(TrainConfig, argv)
+    if cfg.size == "small" and cfg.recipe == "gpt2":
+        return cfg  # GPT-3 small's recipe: TrainConfig's defaults, bit for bit
+    return size_and_recipe(cfg, given)
+
+
+def size_and_recipe(cfg, given):
+    """cfg with the size's defaults (--size), then the recipe's (its lrs follow the size's width), under given."""
     sized = {}
     if cfg.size != "small":  # small: TrainConfig's defaults, bit for bit (6e-4 / 10 is not the float 6e-5)
         n_layer, n_head, n_embd, lr, batch = SIZES[cfg.size]
@@ -162,9 +164,8 @@ def parse_config(argv):
 # data: the uint16 token shards as one stream, read through memory maps
 
 class TokenStream:
-    """The shards of one split as a single circular token stream: position p is token p mod (total tokens) of the
-    concatenated shards, so a batch can span two shards (nothing is skipped at a shard's end) and a run longer than
-    the data starts over at the first token (a second epoch) without a seam."""
+    """The shards of one split as one circular stream: a batch can span two shards (nothing is skipped at a shard's
+    end), and a run longer than the data starts over at the first token (a second epoch) without a seam."""
 
     def __init__(self, data_dir, split):
         pattern = shard_pattern(split)
@@ -199,7 +200,7 @@ def load_shard(path):
     """Memory-map one shard: a 1-D uint16 .npy of at least one token (nothing is read until it is sliced)."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError, OSError, EOFError... for a file that is not a plain .npy
+    except Exception as e:  # ValueError, OSError, EOFError...: not a plain .npy
         raise ConfigError(f"{path}: not a .npy token shard ({e}); {MAKE_SHARDS}") from None
     if not isinstance(tokens, np.ndarray) or tokens.dtype != np.uint16 or tokens.ndim != 1:
         got = (f"{tokens.dtype} array of shape {tokens.shape}" if isinstance(tokens, np.ndarray)
@@ -211,8 +212,7 @@ def load_shard(path):
 
 
 def make_batch(stream, start, B, T, vocab_size, device):
-    """Inputs x and targets y (B, T) on device from the B*T+1 tokens at stream position start: y is x shifted by one
-    token, each position's next token."""
+    """Inputs x and targets y (B, T) on device from the B*T+1 tokens at start: y is x shifted by one, the next token."""
     buf = stream.read(start, B * T + 1)
     if int(buf.max()) >= vocab_size:  # a cheap check that spares an opaque device-side assert on CUDA
         bad = int(np.argmax(buf >= vocab_size))
@@ -227,16 +227,15 @@ def make_batch(stream, start, B, T, vocab_size, device):
 
 
 class TrainLoader:
-    """Micro-batches of the train stream for one rank, in build-nanogpt's order: the stream is cut into consecutive
-    chunks of B*T tokens, and micro-step m of rank r in a run of W ranks takes chunk m*W + r of its step. So W ranks
-    accumulating A micro-steps each see exactly the chunks one process accumulating W*A micro-steps sees. The
-    position is a token count (step * total_batch_size between steps): a checkpoint resumes on any number of ranks."""
+    """One rank's micro-batches, build-nanogpt's order: micro-step m of rank r of W takes the step's B*T chunk m*W + r,
+    so W ranks see what one process accumulating W times as many sees. The position counts tokens: a checkpoint
+    resumes on any number of ranks."""
 
     def __init__(self, stream, B, T, rank, world_size, vocab_size, device):
         self.stream, self.B, self.T, self.rank, self.world_size = stream, B, T, rank, world_size
         self.vocab_size, self.device = vocab_size, device
-        self.position = 0  # stream position of the first chunk of the next group of W micro-batches
-        self.prefetched = []  # a step's micro-batches read ahead (prefetch), which position already counts
+        self.position = 0  # stream position of the next group of W micro-batches
+        self.prefetched = []  # the next step's micro-batches read ahead (position counts them)
 
     def next_batch(self):
         start = self.position + self.rank * self.B * self.T
@@ -265,8 +264,8 @@ class TrainLoader:
 
 
 def open_data(cfg):
-    """(train stream, val stream or None, HellaSwag examples), opened and checked before anything is built: a typo in
-    --data_dir costs an option error's time, not a model's. Collective when HellaSwag is downloaded."""
+    """(train stream, val stream or None, HellaSwag examples), checked before anything is built (collective when
+    HellaSwag is downloaded)."""
     train_stream = TokenStream(cfg.data_dir, "train")
     val_stream = None
     if cfg.val_every:
@@ -285,7 +284,6 @@ def open_data(cfg):
 
 
 def check_data_fits(cfg, train_stream):
-    """The train shards hold at least one micro-batch of the resolved batch_size."""
     if train_stream.total < cfg.batch_size * cfg.block_size + 1:
         raise ConfigError(f"data_dir {cfg.data_dir}: the train shards hold {train_stream.total} tokens, fewer than "
                           f"one micro-batch needs ({cfg.batch_size} * {cfg.block_size} + 1)")
@@ -400,8 +398,7 @@ def start_ranks(cfg, d, checkpoint=None):
 
 
 def setup(cfg, d, device, checkpoint=None, checkpoint_path=None, log=print):
-    """Everything a training step needs: precision, the model (with its optimizer state on resume), the micro-batch,
-    the optimizer, torch.compile and the DDP wrapper."""
+    """Everything a training step needs: precision, model, micro-batch, optimizer, torch.compile, DDP."""
     autocast_dtype = setup_precision(device)
     # the weights the run starts from: the checkpoint's, GPT-2's (init_from), or None for a fresh init
     start = checkpoint or (pretrained_weights(cfg.init_from) if cfg.init_from != "scratch" else None)
@@ -415,12 +412,10 @@ def setup(cfg, d, device, checkpoint=None, checkpoint_path=None, log=print):
     optimizer = configure_optimizers(raw_model, cfg, device.type, verbose=d.master)
     if checkpoint:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
-    use_compile = cfg.compile and device.type != "mps"
-    if cfg.compile and not use_compile:
+    if cfg.compile and device.type == "mps":
         log("note: torch.compile is not used on mps")
-    # dynamic=False: static-shape kernels for the one (B, T) of training, whatever ran through the model first (a
-    # fresh run's step-0 evals would otherwise mark the sizes dynamic: automatic dynamic shapes)
-    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    # dynamic=False: kernels for the one (B, T) of training (the step-0 evals' shapes would make them dynamic)
+    model = torch.compile(raw_model, dynamic=False) if cfg.compile and device.type != "mps" else raw_model
     train_model = wrap_ddp(model, d, device) if d.ddp else model
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * d.world_size)
     return Setup(cfg=cfg, device=device, autocast_dtype=autocast_dtype, grad_accum_steps=grad_accum_steps,
@@ -500,12 +495,12 @@ def train(cfg, d):
             batches = loader.step_batches(s.grad_accum_steps)
             lr = get_lr(step, max_lr=cfg.max_lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                         max_steps=cfg.max_steps, schedule=cfg.schedule, warmdown_frac=cfg.warmdown_frac)
+            momentum = get_muon_momentum(step, cfg.muon_momentum_warmup) if cfg.optimizer == "muon" else None
             # under DDP the stop request rides on the loss's all-reduce: no collective of its own each step
             flags = stop.flags(device) if d.ddp else None
             loss, grad_norm = train_step(s.train_model, s.optimizer, batches, lr=lr, grad_clip=cfg.grad_clip,
                                          device_type=device.type, autocast_dtype=s.autocast_dtype, ddp=d.ddp,
-                                         momentum=get_muon_momentum(step, cfg.muon_momentum_warmup),
-                                         also_reduce=flags)
+                                         momentum=momentum, also_reduce=flags)
             if step + 1 < cfg.max_steps:  # the host reads and copies the next step's input while the device works
                 loader.prefetch(s.grad_accum_steps)
             loss, grad_norm = loss.item(), grad_norm.item()  # waits for the device: the step is done
