@@ -1,4 +1,4 @@
-"""HellaSwag's 10,042 validation examples scored for any GPT-2 as build-nanogpt scores them (docs/evaluation.md).
+"""Any GPT-2 scored on HellaSwag's 10,042 validation examples as build-nanogpt scores it, batched (docs/evaluation.md).
 
     python hellaswag.py --model gpt2 --limit 1000    # a hub id, a transformers directory, or a run of this project
 """
@@ -125,8 +125,8 @@ def check_example(example, where):
 
 
 def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL, data_option="--data FILE"):
-    """The first `limit` (None: all) checked records of a HellaSwag .jsonl, path or else the validation split fetched
-    into cache_dir (collective); a failed download names data_option, the caller's option for a local copy."""
+    """The first `limit` (None: all) records, each checked, of the HellaSwag .jsonl at path, else of the validation
+    split fetched into cache_dir (collective); a failed download names data_option, the caller's option for a copy."""
     if path is None:
         path = fetch(url, cache_dir or CACHE_DIR, data_option)
     try:
