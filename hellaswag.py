@@ -1,11 +1,6 @@
-"""HellaSwag's 10,042 validation examples for any GPT-2, scored as build-nanogpt scores them, batched and split
-across the ranks of a distributed run (train_gpt2.py imports load_examples and evaluate).
+"""Any GPT-2 scored on HellaSwag's 10,042 validation examples as build-nanogpt scores it, batched (docs/evaluation.md).
 
-    python hellaswag.py --model gpt2                          # a hub id, a transformers directory, or a run
-    python hellaswag.py --model log --data hellaswag_val.jsonl --limit 1000    # directory / checkpoint of this project
-
-Each ending follows the context; acc_norm picks the ending of the lowest mean loss per token (docs/evaluation.md).
-The data is downloaded once into hellaswag/ next to this file (--data FILE: a local copy).
+    python hellaswag.py --model gpt2 --limit 1000    # a hub id, a transformers directory, or a run of this project
 """
 
 import dataclasses
@@ -33,9 +28,7 @@ from runtime import autocast, get_device
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 NUM_ENDINGS = 4
-# a batch's rows are padded to a multiple of PAD_MULTIPLE tokens, and its scored positions (the endings' tokens) to
-# one of SCORED_MULTIPLE: a torch.compile'd model sees a handful of shapes instead of a new one per batch
-PAD_MULTIPLE, SCORED_MULTIPLE = 32, 8
+PAD_MULTIPLE, SCORED_MULTIPLE = 32, 8  # a batch's T and scored positions round up to these: few shapes to compile
 
 
 class HellaSwagError(ValueError):
@@ -48,8 +41,13 @@ class HellaSwagResult:
     correct: int  # whose ending of the lowest total loss is the right one (acc)
     correct_norm: int  # whose ending of the lowest mean loss per token is (acc_norm)
 
-    acc = property(lambda self: self.correct / self.n)
-    acc_norm = property(lambda self: self.correct_norm / self.n)
+    @property
+    def acc(self):
+        return self.correct / self.n
+
+    @property
+    def acc_norm(self):
+        return self.correct_norm / self.n
 
     def __str__(self):
         return f"hellaswag: n={self.n} acc={self.acc:.4f} acc_norm={self.acc_norm:.4f}"
@@ -111,8 +109,7 @@ def check_example(example, where):
     """Raise HellaSwagError unless example is a HellaSwag record: `ctx` text, exactly 4 `endings`, `label` in 0-3."""
     if not isinstance(example, dict):
         raise HellaSwagError(f"{where}: expected a JSON object, got {type(example).__name__}")
-    missing = [key for key in ("ctx", "endings", "label") if key not in example]
-    if missing:
+    if missing := [key for key in ("ctx", "endings", "label") if key not in example]:
         raise HellaSwagError(f"{where}: record without {', '.join(repr(key) for key in missing)}")
     ctx, endings, label = example["ctx"], example["endings"], example["label"]
     if not isinstance(ctx, str) or not ctx.strip():
@@ -127,14 +124,13 @@ def check_example(example, where):
     return example
 
 
-def parse_examples(path, limit=None):
-    """The first `limit` (default all) records of a HellaSwag .jsonl file, each checked; blank lines are skipped."""
-    examples = []
+def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL, data_option="--data FILE"):
+    """The first `limit` (None: all) records, each checked, of the HellaSwag .jsonl at path, else of the validation
+    split fetched into cache_dir (collective); a failed download names data_option, the caller's option for a copy."""
+    if path is None:
+        path = fetch(url, cache_dir or CACHE_DIR, data_option)
     try:
-        for where, record in jsonl_records(path):
-            if limit is not None and len(examples) >= limit:
-                break
-            examples.append(check_example(record, where))
+        examples = [check_example(record, where) for where, record in itertools.islice(jsonl_records(path), limit)]
     except JSONLinesError as e:
         raise HellaSwagError(str(e)) from None
     except OSError as e:
@@ -142,15 +138,6 @@ def parse_examples(path, limit=None):
     if not examples:
         raise HellaSwagError(f"{path}: no examples")
     return examples
-
-
-def load_examples(path=None, *, cache_dir=None, limit=None, url=VAL_URL, data_option="--data FILE"):
-    """HellaSwag examples (dicts: ctx, endings, label) from path, else the validation split downloaded once into
-    cache_dir (collective: fetch). HellaSwagError "file:line: problem" for bad data; a failed download names
-    data_option, the caller's option for a local copy."""
-    if path is None:
-        path = fetch(url, cache_dir or CACHE_DIR, data_option)
-    return parse_examples(path, limit=limit)
 
 
 # -----------------------------------------------------------------------------

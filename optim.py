@@ -1,8 +1,6 @@
 """How the weights move: the optimizers, the learning-rate schedule, and one optimizer step over micro-batches.
 
     python -c "import optim; print(optim.get_lr(715, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073))"
-
-train_gpt2.py and chat_sft.py train with these.
 """
 
 import contextlib
@@ -19,16 +17,14 @@ from runtime import autocast
 # the optimizers
 
 def configure_optimizers(model, cfg, device_type, verbose=False):
-    """The optimizer of a train_gpt2.py config: GPT-2's AdamW, or Muon for the blocks' matrices and AdamW for the rest
-    (cfg.optimizer "muon"), the schedule's peak at cfg.max_lr."""
+    """GPT-2's AdamW, or (cfg.optimizer "muon") Muon for the blocks' matrices, AdamW for the rest; peak cfg.max_lr."""
     if cfg.optimizer not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
-    kw = dict(weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=device_type,
-              verbose=verbose)
+    kw = dict(lr=cfg.max_lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+              device_type=device_type, verbose=verbose)
     if cfg.optimizer == "muon":
-        return muon_adamw(model, lr=cfg.max_lr, embedding_lr=cfg.embedding_lr, head_lr=cfg.head_lr,
-                          scalar_lr=cfg.scalar_lr, **kw)
-    return adamw(model, lr=cfg.max_lr, **kw)
+        return muon_adamw(model, embedding_lr=cfg.embedding_lr, head_lr=cfg.head_lr, scalar_lr=cfg.scalar_lr, **kw)
+    return adamw(model, **kw)
 
 
 MUON_MOMENTUM = 0.95  # Muon's (Nesterov) momentum: torch's default, modded-nanogpt's and nanochat's
@@ -118,9 +114,7 @@ def muon_adamw(model, *, lr, embedding_lr, head_lr, scalar_lr, weight_decay, bet
 
 
 class MuonAdamW:
-    """A torch.optim.Muon and a torch.optim.AdamW as one optimizer (muon_adamw):
-    param_groups (Muon's, then AdamW's), zero_grad, step, state_dict and load_state_dict, as a training loop and its
-    checkpoints use a single torch optimizer."""
+    """A torch.optim.Muon and a torch.optim.AdamW as the one optimizer a training loop and its checkpoints expect."""
 
     def __init__(self, muon, adamw):
         self.muon, self.adamw = muon, adamw
@@ -163,28 +157,30 @@ class MuonAdamW:
 # the schedule and the step
 
 def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", warmdown_frac=0.0):
-    """Learning rate of optimizer step `step` (0-based): linear warmup to max_lr, then cosine decay to min_lr at
-    max_steps; or, for schedule "warmdown", max_lr until the last warmdown_frac of the steps, then linear to min_lr."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup to max_lr, then cosine decay to min_lr."""
     if step < warmup_steps:
-        # (step + 1): step 0 already learns at max_lr / warmup_steps, and step warmup_steps - 1 at max_lr
-        return max_lr * (step + 1) / warmup_steps
+        return max_lr * (step + 1) / warmup_steps  # step 0 already learns; step warmup_steps - 1 is at max_lr
     if step >= max_steps:
         return min_lr
     if schedule == "warmdown":
-        decay_start = max_steps - round(warmdown_frac * max_steps)
-        if step < decay_start:
-            return max_lr
-        return max_lr + (step - decay_start) / (max_steps - decay_start) * (min_lr - max_lr)  # max_lr -> min_lr
+        return warmdown_lr(step, max_lr=max_lr, min_lr=min_lr, max_steps=max_steps, warmdown_frac=warmdown_frac)
     decay_ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
 
 
+def warmdown_lr(step, *, max_lr, min_lr, max_steps, warmdown_frac):
+    """get_lr's schedule "warmdown" after the warmup: max_lr until the last warmdown_frac of the steps, then linear
+    to min_lr."""
+    decay_start = max_steps - round(warmdown_frac * max_steps)
+    if step < decay_start:
+        return max_lr
+    return max_lr + (step - decay_start) / (max_steps - decay_start) * (min_lr - max_lr)  # max_lr -> min_lr
+
+
 def get_muon_momentum(step, warmup_steps, start=0.85, end=MUON_MOMENTUM):
-    """Muon's momentum at optimizer step `step` (0-based): linear from start at step 0 to end at warmup_steps, end
-    from then on (warmup_steps 0: end throughout). modded-nanogpt's and nanochat's warmup: 0.85 to 0.95 over 300."""
-    # Early on the gradient's direction changes fast: 0.85 averages over ~7 steps (1 / (1 - momentum)) and follows
-    # it more closely than 0.95's ~20, the smoother average for later (an empirical schedule, tuned in speedruns).
+    """Muon's momentum at step `step` (0-based): linear from start to end over warmup_steps (nanochat's 0.85 -> 0.95
+    over 300), then end. Early gradients turn fast: 0.85 averages over ~7 steps (1 / (1 - momentum)), 0.95 over ~20."""
     if step >= warmup_steps:
         return end
     frac = step / warmup_steps
@@ -198,33 +194,22 @@ def due(step, every, last):
 
 def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocast_dtype, ddp, also_reduce=None,
                momentum=None):
-    """One optimizer step over the micro-batches [(x, y), ...] -> (mean loss of all ranks, gradient norm before
-    clipping) as device tensors: nothing here waits for the device. momentum: Muon's for this step (None: as it is).
-    also_reduce (ddp): a 1-D device tensor replaced by its sum over the ranks, in the loss's all-reduce (the stop
-    flags: no collective of their own)."""
+    """One optimizer step over the micro-batches [(x, y), ...] -> (mean loss over all ranks, gradient norm before
+    clipping) as device tensors: no host sync. grad_clip 0: no clipping; momentum: Muon's (None: as it is)."""
     optimizer.zero_grad(set_to_none=True)
     grad_accum_steps = len(batches)
     loss_accum = torch.zeros((), device=batches[0][0].device)
     for micro_step, (x, y) in enumerate(batches):
-        # DDP all-reduces the gradients during backward; the micro-steps before the last only accumulate locally,
-        # so skip their communication and sync once, on the last micro-step, with the summed gradients
-        last = micro_step == grad_accum_steps - 1
-        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+        # DDP all-reduces the gradients in backward: skip it for the micro-steps before the last, sync the sum once
+        with model.no_sync() if ddp and micro_step < grad_accum_steps - 1 else contextlib.nullcontext():
             with autocast(device_type, autocast_dtype):
                 _, loss = model(x, y)
-            # backward() adds each micro-step's gradient to .grad: dividing each micro-batch's mean loss by
-            # grad_accum_steps makes the sum the whole batch's mean, as one batch of grad_accum_steps * B gives
+            # backward() sums the micro-steps' gradients: loss / grad_accum_steps makes that sum the batch's mean
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()  # a device tensor: no host sync in the loop
             loss.backward()
     if ddp:
-        # DDP averaged the gradients over ranks; average the logged loss too (SUM / N: gloo has no AVG)
-        packed = loss_accum.view(1) if also_reduce is None else torch.cat([loss_accum.view(1), also_reduce])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        loss_accum = packed[0] / dist.get_world_size()
-        if also_reduce is not None:
-            also_reduce.copy_(packed[1:])
-    # With max_norm=inf the clip coefficient clamps to 1: the gradients stay as they are, the norm is still measured.
+        loss_accum = all_reduce_loss(loss_accum, also_reduce)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon+AdamW: each group its own peak (muon_adamw)
@@ -232,3 +217,14 @@ def train_step(model, optimizer, batches, *, lr, grad_clip, device_type, autocas
             group["momentum"] = momentum
     optimizer.step()
     return loss_accum, grad_norm
+
+
+def all_reduce_loss(loss_accum, also_reduce=None):
+    """The mean of loss_accum over the ranks, as DDP averaged the gradients (SUM / N: gloo has no AVG). also_reduce: a
+    1-D device tensor replaced by its sum over the ranks in the same all-reduce (the stop flags: no collective of their
+    own)."""
+    packed = loss_accum.view(1) if also_reduce is None else torch.cat([loss_accum.view(1), also_reduce])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    if also_reduce is not None:
+        also_reduce.copy_(packed[1:])
+    return packed[0] / dist.get_world_size()
