@@ -156,8 +156,7 @@ def batch_size_candidates(cfg, world_size):
 
 
 def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
-    """cfg with --batch_size=auto resolved, and logged with why: the largest candidate that fits. start: the checkpoint
-    (its own micro-batch is tried first) or the weights loaded."""
+    """cfg with --batch_size=auto resolved, logged with why: the largest candidate that fits, a resume's own first."""
     T, config = cfg.block_size, checkpoint_config(start) if start else model_config(cfg)
     kept = start.get("train_config", {}).get("batch_size") if start else None
     first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
