@@ -1,8 +1,5 @@
-"""What guards a training run, one call each from its story: the options checked, the model it starts from checked
-against them, the micro-batch that fits in memory, the ranks' agreement, the stop on a non-finite loss.
-
-    python -c "import guards, train_gpt2; print(guards.batch_size_candidates(train_gpt2.TrainConfig(), 8))"
-"""
+"""What guards a training run, one call each from its story: the options, the model it starts from, the micro-batch
+that fits in memory, the ranks' agreement, the stop on a non-finite loss."""
 
 import contextlib
 import dataclasses
@@ -16,38 +13,31 @@ import torch.distributed as dist
 
 from checkpoints import checkpoint_config, list_checkpoints
 from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from optim import train_step
 from options import ConfigError
-from runtime import autocast
 
 GB = 1e9  # the unit of the messages
 MAX_AUTO_BATCH_SIZE = 64  # build-nanogpt's 64 x 1024 tokens fill an H100: a larger micro-batch buys no speed
-DEVICES = ("auto", "cuda", "mps", "cpu")
 
-
-# -----------------------------------------------------------------------------
-# options
 
 def check_ranges(cfg, positive=(), non_negative=()):
-    """ConfigError for the first option of `positive` that is not > 0, or of `non_negative` that is < 0; then the
-    AdamW hyperparameters and the device, which every training command has."""
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    """ConfigError for the first option of positive not > 0 or of non_negative < 0, then AdamW's and the device's."""
+    for name in (*positive, *non_negative):
+        value, strict = getattr(cfg, name), name in positive
+        if value < 0 or (strict and value == 0):
+            raise ConfigError(f"--{name} must be {'>' if strict else '>='} 0, got {value}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.eps > 0):
         raise ConfigError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {cfg.beta1}, {cfg.beta2}, {cfg.eps}")
     if not 0 < cfg.max_lr or cfg.min_lr > cfg.max_lr:
         raise ConfigError(f"need 0 <= min_lr <= max_lr and max_lr > 0, got min_lr={cfg.min_lr} max_lr={cfg.max_lr}")
-    if cfg.device not in DEVICES:
+    if cfg.device not in ("auto", "cuda", "mps", "cpu"):
         raise ConfigError(f"--device must be auto, cuda, mps or cpu, got {cfg.device!r}")
 
 
 def check_config(cfg, world_size):
-    """ConfigError for a train_gpt2.py setting that can't work, before anything is built; else grad_accum_steps
-    (None for --batch_size=auto, which fit_micro_batch resolves)."""
-    if cfg.batch_size != "auto" and cfg.batch_size <= 0:
+    """ConfigError for a setting that can't work, before anything is built; else grad_accum_steps (None for auto)."""
+    auto = cfg.batch_size == "auto"  # then some micro-batch must split the batch: 1 does if any does
+    if not auto and cfg.batch_size <= 0:
         raise ConfigError(f"--batch_size must be 'auto' or > 0, got {cfg.batch_size!r}")
     check_ranges(cfg, positive=("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "total_batch_size",
                                 "max_steps", "num_samples", "sample_length"),
@@ -67,9 +57,8 @@ def check_config(cfg, world_size):
         raise ConfigError("--init_from must be 'scratch' or a GPT-2 model name / directory")
     if cfg.val_every and cfg.val_tokens <= 0:
         raise ConfigError(f"--val_tokens must be > 0, got {cfg.val_tokens}")
-    auto = cfg.batch_size == "auto"  # then some micro-batch must split the batch: 1 does if any does
-    tail = " (--batch_size=auto: not even for batch_size 1)" if auto else ""
     B, T = (1 if auto else cfg.batch_size), cfg.block_size
+    tail = " (--batch_size=auto: not even for batch_size 1)" if auto else ""
     if cfg.total_batch_size % (B * T * world_size):
         raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size * block_size * "
                           f"processes = {B} * {T} * {world_size} = {B * T * world_size}{tail}")
@@ -88,18 +77,13 @@ def check_config(cfg, world_size):
 # the model a run starts from
 
 def model_fields(cfg):
-    """The options that are the model's architecture (GPTConfig's fields), block_size aside: a run may train on
-    shorter sequences than its model's positions."""
+    """GPTConfig's fields among the options, block_size aside: a run may train on shorter sequences than its model's."""
     return [f.name for f in dataclasses.fields(GPTConfig) if f.name != "block_size" and hasattr(cfg, f.name)]
 
 
 def model_config(cfg):
     """The GPTConfig of a fresh model of the options' architecture."""
     return GPTConfig(block_size=cfg.block_size, **{k: getattr(cfg, k) for k in model_fields(cfg)})
-
-
-# --recipe=fast's block before it became nanochat's (transformers' NanoChatForCausalLM): what resumes its checkpoints
-EARLIER_FAST_BLOCK = dict(norm="rmsnorm", norm_eps=1e-5, embed_norm=False)
 
 
 def check_start(cfg, start, source, log=print):
@@ -111,7 +95,8 @@ def check_start(cfg, start, source, log=print):
     if "train_config" in start and cfg.init_from == "scratch":
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(config, k)})" for k in fields
                   if getattr(config, k) != getattr(cfg, k)]
-        earlier = EARLIER_FAST_BLOCK
+        # --recipe=fast's block before nanochat's (transformers' NanoChatForCausalLM): what resumes its checkpoints
+        earlier = dict(norm="rmsnorm", norm_eps=1e-5, embed_norm=False)
         if (differ and cfg.recipe == "fast" and all(getattr(config, k) == v for k, v in earlier.items())
                 and all(getattr(config, k) == getattr(cfg, k) for k in fields if k not in earlier)):
             resume = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in earlier.items())
@@ -156,9 +141,8 @@ def check_finite(loss, grad_norm, step, log_dir, master, script):
 
 
 # -----------------------------------------------------------------------------
-# the micro-batch: the largest that fits, gradient accumulation making up total_batch_size. A GPU out of memory raises
-# OutOfMemoryError, so there trial steps decide; on cpu and mps the process dies instead (the kernel's OOM killer), so
-# there an estimate is held against the memory available.
+# the micro-batch: the largest that fits, gradient accumulation making up the batch. A GPU out of memory raises, so
+# trial steps decide there; on cpu and mps the kernel kills the process instead, so an estimate decides there.
 
 def splits_batch(cfg, world_size, batch_size):
     """Whether batch_size sequences make up total_batch_size in whole micro-steps (and val_tokens in whole batches)."""
@@ -172,9 +156,7 @@ def batch_size_candidates(cfg, world_size):
 
 
 def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
-    """cfg with --batch_size=auto resolved: the largest candidate that fits, a resumed run's own tried first (another
-    split of the batch changes the losses in their last bits); the ranks take the smallest choice. start: the
-    checkpoint or weights loaded. Logs the choice and why; ConfigError where not even one sequence fits."""
+    """cfg with --batch_size=auto resolved, logged with why: the largest candidate that fits, a resume's own first."""
     T, config = cfg.block_size, checkpoint_config(start) if start else model_config(cfg)
     kept = start.get("train_config", {}).get("batch_size") if start else None
     first = kept if isinstance(kept, int) and splits_batch(cfg, d.world_size, kept) else None
@@ -189,8 +171,8 @@ def fit_micro_batch(cfg, d, device, autocast_dtype, start=None, log=print):
     why += f"; another rank can take only {chosen}" if chosen != own else ""
     if kept is not None:
         why = resumed_why(kept, first, chosen, why)
-    log(f"micro-batch {chosen} (auto: {why}) x {cfg.total_batch_size // (chosen * T * d.world_size)} accumulation "
-        "steps")
+    steps = cfg.total_batch_size // (chosen * T * d.world_size)
+    log(f"micro-batch {chosen} (auto: {why}) x {steps} accumulation steps")
     return dataclasses.replace(cfg, batch_size=chosen)
 
 
@@ -202,7 +184,8 @@ def smallest_of_ranks(batch_size, device):
 
 
 def resumed_why(kept, first, chosen, why):
-    """Why a resumed run takes chosen, its checkpoint's micro-batch being kept (first: kept if it splits the batch)."""
+    """Why a resumed run takes chosen, its checkpoint's micro-batch being kept (first: kept if it splits the batch):
+    another split of the batch changes the losses in their last bits."""
     if chosen == kept:
         return "the checkpoint's, which still fits: the resume stays exact"
     return (f"the checkpoint's {kept} {'no longer fits' if first else 'no longer splits the batch'}: the losses will "
@@ -210,37 +193,31 @@ def resumed_why(kept, first, chosen, why):
 
 
 def gpu_trial(config, T, device, autocast_dtype, start):
-    """(fits(b), why_not(b), why_fits(b)) by a trial step with 5% of the GPU held back: headroom for the allocator's
-    fragmentation and the evals' shapes."""
+    """(fits, why_not, why_fits) by trial steps, 5% of the GPU held back for fragmentation and the evals' shapes."""
     reserve = torch.cuda.get_device_properties(device).total_memory // 20
-
-    def why_not(b):
-        return ("ran out of GPU memory in a trial step" if b else
-                f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved as headroom)")
-    return (lambda b: fits_on_gpu(config, b, T, reserve, autocast_dtype, device), why_not,
+    none_fits = f"runs out of GPU memory in a trial step (with {reserve / GB:.1f} GB reserved as headroom)"
+    return (lambda b: fits_on_gpu(config, b, T, reserve, autocast_dtype, device),
+            lambda b: "ran out of GPU memory in a trial step" if b else none_fits,
             lambda b: "a trial step fits in GPU memory")
 
 
 def memory_estimate(config, T, device, autocast_dtype, start):
-    """(fits(b), why_not(b), why_fits(b)) by train_memory_bytes against memory_budget; start (freed once it is in the
-    model) counts as available."""
+    """(fits, why_not, why_fits) by train_memory_bytes against memory_budget; start (freed once it is in the model)
+    counts as available."""
     budget, where = memory_budget(device, extra=sum(tensor_storages(start).values()) if start else 0)
     with torch.device("meta"):  # the shapes alone: nothing is allocated
         n_params = GPT(config).num_params()
 
-    def need(b):
-        return train_memory_bytes(config, n_params, b, T, attention_matrix=device.type == "mps")
-
-    def text(b):
-        return f"~{need(b or 1) / GB:.1f} GB, {where}"  # b None: the smallest, 1
-    return lambda b: need(b) <= budget, lambda b: f"would need {text(b)}", lambda b: f"needs {text(b)}"
+    def need(b):  # b None: the smallest, 1
+        return train_memory_bytes(config, n_params, b or 1, T, attention_matrix=device.type == "mps")
+    return (lambda b: need(b) <= budget, lambda b: f"would need ~{need(b) / GB:.1f} GB, {where}",
+            lambda b: f"needs ~{need(b) / GB:.1f} GB, {where}")
 
 
 def largest_fitting(candidates, fits, first=None):
     """(the first of candidates, largest first, that fits, or None; the sizes tried that did not). first (a resumed
-    run's) is tried before them, and if it does not fit, only the smaller ones: a size that fits is taken to make
-    every smaller one fit."""
-    order = list(candidates) if first is None else [first] + [size for size in candidates if size < first]
+    run's) is tried before them, then only the smaller ones: a size that fits is taken to make every smaller one fit."""
+    order = candidates if first is None else [first] + [size for size in candidates if size < first]
     rejected = []
     for size in order:
         if fits(size):
@@ -249,23 +226,10 @@ def largest_fitting(candidates, fits, first=None):
     return None, rejected
 
 
-# what CUDA and its libraries say when memory runs out outside the caching allocator (which raises OutOfMemoryError)
-OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "cudaErrorMemoryAllocation")
-
-
-def is_out_of_memory(error):
-    """Whether a trial step's exception means the GPU ran out of memory; any other error is a bug, and propagates."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(m.lower() in str(error).lower() for m in OUT_OF_MEMORY_MESSAGES)
-
-
 def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, device):
-    """Whether a training step of a GPT of config on batch_size sequences fits in the GPU next to reserve_bytes more:
-    two micro-steps (the second's forward with the first's gradients held) and an AdamW step (its two moments; Muon's
-    momentum is less), eager (torch.compile's needs no more). Everything it allocates is freed again."""
-    reserve = model = optimizer = idx = loss = None
+    """Whether train_step on two micro-batches of batch_size sequences, with AdamW, fits in the GPU next to
+    reserve_bytes more (eager: torch.compile's step needs no more). All it allocates is freed again."""
+    reserve = model = optimizer = idx = None
     try:
         reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
         with torch.device(device):
@@ -273,22 +237,28 @@ def fits_on_gpu(config, batch_size, block_size, reserve_bytes, autocast_dtype, d
         model.chunked_loss = False  # the plain soft-capped loss, as torch.compile runs it: the larger of the two
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda" or None)
         idx = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)  # token 0: no RNG drawn
-        for _ in range(2):
-            with autocast(device.type, autocast_dtype):
-                _, loss = model(idx, idx)
-            loss.backward()
-            loss = None  # as train_step: nothing of a micro-step but its gradients outlives its backward
-        optimizer.step()
+        train_step(model, optimizer, [(idx, idx)] * 2, lr=0.0, grad_clip=1.0, device_type=device.type,
+                   autocast_dtype=autocast_dtype, ddp=False)
         return True
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
         return False
     finally:
-        del reserve, model, optimizer, idx, loss  # what the attempt held (a failed one's graph left with the exception)
+        del reserve, model, optimizer, idx  # what the attempt held (a failed one's graph left with the exception)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next, smaller try starts from a clean cache
             torch.cuda.reset_peak_memory_stats(device)  # the run's peak is reported, not the trial's
+
+
+def is_out_of_memory(error):
+    """Whether a trial step's exception means the GPU ran out of memory; any other error is a bug, and propagates."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    # what CUDA and its libraries say when memory runs out outside the caching allocator (which raises the above)
+    messages = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "cudaErrorMemoryAllocation")
+    return isinstance(error, RuntimeError) and any(m.lower() in str(error).lower() for m in messages)
 
 
 def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", cgroup_fs="/sys/fs/cgroup"):

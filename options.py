@@ -1,9 +1,5 @@
 """Every command's options: a dataclass whose fields are the options, read by argparse, and the error a user can fix.
-
-    python -c "import options, train_gpt2; print(options.help_text(train_gpt2.TrainConfig, 'train_gpt2.py'))"
-
---name=value and --name value both work; a bool takes true/false/1/0/yes/no, or a bare --name for true.
-"""
+--name=value and --name value both work; a bool takes true/false/1/0/yes/no, or a bare --name for true."""
 
 import argparse
 import dataclasses
@@ -11,8 +7,6 @@ import sys
 import textwrap
 
 from files import WriteError
-
-HELP_WIDTH = 116  # --help's lines, wrapped
 
 
 class ConfigError(ValueError):
@@ -72,7 +66,7 @@ def parse_known(config_class, argv):
         kw = {k: f.metadata[k] for k in ("nargs", "metavar") if k in f.metadata}
         if f.type is bool:
             kw.update(nargs="?", const="true")  # a bare --flag is true
-        parser.add_argument(*names, **kw, **({} if f.metadata.get("positional") else {"dest": f.name}))
+        parser.add_argument(*names, **kw)  # dest: the field's name (the first long option's)
     given, rest = parser.parse_known_args(argv)
     values = {f.name: convert(f, getattr(given, f.name)) for f in fields if f.name in given}
     return config_class(**values), set(values), rest
@@ -119,12 +113,13 @@ def help_text(config_class, script, doc=""):
     """--help: the script's docstring, then every option with its default, type and help text, by section."""
     lines = [doc.strip(), ""] if doc.strip() else []
     lines.append(f"options of {script} (--name=value or --name value), with their defaults:")
-    for f in dataclasses.fields(config_class):
+    fields = dataclasses.fields(config_class)
+    for f in fields:
         if f.metadata.get("section"):
             lines += ["", f"  {f.metadata['section']}"]
         kind = f.metadata.get("metavar") or getattr(f.metadata.get("type") or f.type, "__name__", "")
         name = f.name.upper() if f.metadata.get("positional") else f"--{f.name}={f.default!r}"
         aliases = "".join(f" {alias}" for alias in f.metadata.get("aliases", ()))
         line = f"    {name}{aliases} ({kind})" + (f"  {f.metadata['help']}" if f.metadata.get("help") else "")
-        lines += textwrap.wrap(line, HELP_WIDTH, subsequent_indent=" " * 8, break_on_hyphens=False)
+        lines += textwrap.wrap(line, width=116, subsequent_indent=" " * 8, break_on_hyphens=False)
     return "\n".join(lines)
