@@ -9,7 +9,7 @@ import json
 import os
 
 SHARD_PREFIX = "edufineweb"  # build-nanogpt's names: edufineweb_val_000000.npy, edufineweb_train_000001.npy, ...
-# GPT-2 124M on FineWeb-Edu's val shard and HellaSwag's 10,042 val examples (acc_norm); GPT-3 small's: Brown et al. 2020
+# GPT-2 124M on FineWeb-Edu's val shard and HellaSwag's 10,042 val examples (acc_norm); GPT-3 small's from its paper
 REFERENCES = {"gpt2": {"label": "OpenAI GPT-2 124M", "val": 3.2924, "hella": 0.2955},
               "gpt3": {"label": "OpenAI GPT-3 124M", "hella": 0.337}}
 
@@ -35,7 +35,7 @@ class WriteError(Exception):
 
 
 class _RecordingFile:
-    """A file whose write() remembers its OSError, which torch.save turns into a RuntimeError and np.save can hide."""
+    """A file whose write() keeps its OSError: torch.save would raise a vague RuntimeError, np.save nothing at all."""
 
     def __init__(self, f):
         self._f, self.error = f, None
