@@ -1,8 +1,6 @@
-"""The run directory (log_dir): its lock, checkpoints, log.txt and config.json; and a model from any source.
+"""The run directory: its lock, checkpoints, log.txt and config.json (written atomically); a model from any source.
 
     python -c "import checkpoints; print(checkpoints.list_checkpoints('log'))"
-
-Every file is written atomically (files.atomic_write): a kill leaves the old file or the new one, never half of one.
 """
 
 import contextlib
@@ -11,8 +9,6 @@ import fcntl
 import json
 import os
 import re
-import socket
-import zipfile
 
 import torch
 
@@ -26,7 +22,6 @@ TRAIN_KEYS = ("model", "optimizer", "step", "loader", "rng", "config", "train_co
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: model_NNNNN.pt, a dict of plain tensors and config dicts (torch.load(weights_only=True) reads it)
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:05d}.pt")
@@ -36,9 +31,8 @@ def list_checkpoints(log_dir):
     """[(step, path)] of the checkpoints in log_dir, oldest first."""
     if not os.path.isdir(log_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(log_dir, name))
-             for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name))]
-    return sorted(found)
+    return sorted((int(m.group(1)), os.path.join(log_dir, name))
+                  for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name)))
 
 
 def rng_state(device):
@@ -61,7 +55,8 @@ def set_rng_state(state, device):
 
 
 def save_checkpoint(path, *, raw_model, optimizer, step, loader, train_config, device):
-    """Everything an exact resume needs, written atomically. train_config: the options as a plain dict."""
+    """Everything an exact resume needs, as plain tensors and dicts (torch.load(weights_only=True) reads them), written
+    atomically. train_config: the options as a plain dict."""
     checkpoint = {
         "model": raw_model.state_dict(),  # the plain module: no "module." (DDP) or "_orig_mod." (compile) prefixes
         "optimizer": optimizer.state_dict(),
@@ -94,6 +89,8 @@ def prune_checkpoints(log_dir, keep):
 
 def load_checkpoint(path, keys=TRAIN_KEYS, kind="train_gpt2.py checkpoint"):
     """The dict torch.save wrote to path, with at least `keys`. Raises ConfigError naming the file and the problem."""
+    import zipfile
+
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
         # torch.save writes a zip archive; anything else would get torch's advice to unpickle it unsafely
         raise ConfigError(f"{path}: cannot load the checkpoint: it is not a {kind} (not a file torch.save wrote)")
@@ -154,9 +151,8 @@ def newest_loadable(log_dir, existing, log):
 
 @contextlib.contextmanager
 def locked_run_dir(log_dir):
-    """Create log_dir and hold a lock on it while the block runs: a second run into it is refused in one line naming
-    the holder. The kernel's flock on the directory, no lock file: released however the process ends, never stale.
-    The directories it created go again if still empty at the end: a run that never started leaves nothing."""
+    """Create log_dir and hold the kernel's flock on it (never stale) while the block runs: a second run into it is
+    refused in one line naming the holder. The directories it created go again if still empty at the end."""
     created = missing_dirs(log_dir)
     try:
         os.makedirs(log_dir, exist_ok=True)
@@ -180,10 +176,9 @@ def locked_run_dir(log_dir):
 def missing_dirs(path):
     """The directories os.makedirs(path) would create, the deepest first."""
     missing, path = [], os.path.normpath(path)
-    while path and not os.path.exists(path):
+    while path and not os.path.exists(path):  # up to "" above a relative path; "/" exists
         missing.append(path)
-        parent = os.path.dirname(path)
-        path = parent if parent != path else ""
+        path = os.path.dirname(path)
     return missing
 
 
@@ -198,6 +193,8 @@ def remove_empty(dirs):
 
 def lock_holder(fd):
     """'pid N' of the process holding the flock on fd's file, from Linux's /proc/locks; a description elsewhere."""
+    import socket
+
     st = os.fstat(fd)
     where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with contextlib.suppress(OSError):
@@ -227,7 +224,6 @@ def compare_configs(saved, current):
 
 
 # -----------------------------------------------------------------------------
-# a model from any of the places a GPT-2 can come from
 
 def checkpoint_config(checkpoint, source=None):
     """The GPTConfig of a checkpoint's "config". Raises ConfigError (naming source, else the caller names the file)."""
@@ -297,7 +293,6 @@ def load_model(source):
 
 
 # -----------------------------------------------------------------------------
-# the log and config.json
 
 def read_log_lines(path, before_step):
     """The complete lines of a log whose step is < before_step (a line cut off by a kill has no newline)."""
@@ -317,9 +312,8 @@ def prepare_log_dir(log_dir, start_step, resolved):
     """log_dir with config.json written, half-written checkpoints gone and log.txt cut back to the lines before
     start_step (a resumed run redoes that step's evals: no duplicates). Returns log.txt's path."""
     os.makedirs(log_dir, exist_ok=True)
-    for name in os.listdir(log_dir):  # what a kill during a save left (as large as a whole checkpoint)
-        if PARTIAL_RE.match(name):
-            os.remove(os.path.join(log_dir, name))
+    for name in filter(PARTIAL_RE.match, os.listdir(log_dir)):  # what a kill during a save left (a whole checkpoint)
+        os.remove(os.path.join(log_dir, name))
     text = json.dumps(resolved, indent=2) + "\n"
     atomic_write(os.path.join(log_dir, "config.json"), lambda f: f.write(text.encode()))
     log_path = os.path.join(log_dir, "log.txt")

@@ -5,24 +5,17 @@
 
 import contextlib
 import errno
-import http.client
 import json
 import os
-import urllib.error
-import urllib.request
 
 SHARD_PREFIX = "edufineweb"  # build-nanogpt's names: edufineweb_val_000000.npy, edufineweb_train_000001.npy, ...
-# OpenAI's models on this project's evals: GPT-2 124M's checkpoint on FineWeb-Edu's val shard and HellaSwag's
-# 10,042 validation examples (acc_norm); GPT-3 small's HellaSwag from the GPT-3 paper (Brown et al. 2020)
-REFERENCES = {
-    "gpt2": {"label": "OpenAI GPT-2 124M", "val": 3.2924, "hella": 0.2955},
-    "gpt3": {"label": "OpenAI GPT-3 124M", "hella": 0.337},
-}
+# GPT-2 124M on FineWeb-Edu's val shard and HellaSwag's 10,042 val examples (acc_norm); GPT-3 small's from its paper
+REFERENCES = {"gpt2": {"label": "OpenAI GPT-2 124M", "val": 3.2924, "hella": 0.2955},
+              "gpt3": {"label": "OpenAI GPT-3 124M", "hella": 0.337}}
 
 
 class WriteError(Exception):
-    """A file that could not be written (no space, a file-size limit, a read-only directory): its path and the
-    system's reason; `context` (the step, the newest checkpoint) filled in by whoever knows it. Not an OSError."""
+    """A file the file system refused: its path and reason (not an OSError); `context` (the step) set by the caller."""
 
     FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, None)  # no space, a file-size limit, a quota, unknown
 
@@ -42,8 +35,7 @@ class WriteError(Exception):
 
 
 class _RecordingFile:
-    """A file whose write() remembers its OSError: torch.save's zip writer replaces it by a RuntimeError that says
-    nothing of the cause, and np.save on a real file can cut a shard short at a file-size limit without a word."""
+    """A file whose write() keeps its OSError: torch.save would raise a vague RuntimeError, np.save nothing at all."""
 
     def __init__(self, f):
         self._f, self.error = f, None
@@ -60,31 +52,25 @@ class _RecordingFile:
 
 
 def atomic_write(path, write, tmp=None):
-    """write(file) into a temporary file next to path (tmp, default .NAME.tmp), then rename it to path: a kill leaves
-    the old file or the new one, never half of one. WriteError naming path when the file system refuses the file; any
-    other error of write(file) passes as it is."""
+    """write(file) into a temporary file next to path (tmp, default .NAME.tmp), renamed to path: a kill leaves the old
+    file or the new one. WriteError naming path if the file system refuses; write()'s other errors pass as they are."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, tmp or f".{os.path.basename(path)}.tmp")
-    passing = None  # an error of write() itself, not of the file (a download's): raised as it is
+    f, written = None, False
     try:
         with open(tmp, "wb") as raw:
             f = _RecordingFile(raw)
-            try:
-                write(f)
-            except BaseException as e:
-                if f.error is None:
-                    passing = e
-                    raise
-                # whatever write() made of it (torch: a RuntimeError), the cause is the file system's refusal
-                raise WriteError.of(path, f.error) from e
+            write(f)
+            written = True
             raw.flush()
             os.fsync(raw.fileno())  # on disk before the rename: a power cut leaves no empty file under the real name
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e is not passing:  # creating, flushing, syncing or renaming the file
-            raise WriteError.of(path, e) from e
+        refused = f.error if f is not None and not written else e  # in write(): a write the file refused, if any
+        if isinstance(refused, OSError):
+            raise WriteError.of(path, refused) from e
         raise
     with contextlib.suppress(OSError):  # the rename itself, on disk (where a directory can be opened)
         fd = os.open(directory, os.O_RDONLY)
@@ -99,19 +85,17 @@ class JSONLinesError(ValueError):
 
 
 def jsonl_records(path):
-    """(where "path:line", record) for each non-blank line of a JSON Lines file; JSONLinesError for a line that is not
-    UTF-8 or not JSON."""
+    """(where "path:line", record) for each non-blank line of a JSON Lines file; JSONLinesError for a bad line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                record = json.loads(line.rstrip("\r\n"))  # the column of an error on this line, not the next
             except UnicodeDecodeError as e:
                 raise JSONLinesError(f"{where}: not UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # the column of an error on this line, not the next
             except json.JSONDecodeError as e:
                 raise JSONLinesError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
             yield where, record
@@ -131,6 +115,10 @@ def hub_offline(offline_mode, timeout=3):
     (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE), or no answer to one HEAD request to
     its endpoint. Unreachable, huggingface_hub retries 5 times with backoff (~25 s, two warnings each) before it
     fails: with this answer a caller loads from the local cache only, and fails at once."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     if offline_mode:

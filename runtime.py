@@ -3,9 +3,7 @@
     python -c "import runtime; print(runtime.get_device('auto'), runtime.peak_flops('cpu'))"
 """
 
-import inspect
 import os
-import resource
 import signal
 import sys
 import time
@@ -13,14 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from files import WriteError
 from options import ConfigError
 
-
-# -----------------------------------------------------------------------------
-# ranks: torchrun's environment, one process without it
 
 @dataclass
 class Dist:
@@ -54,6 +48,10 @@ def init_distributed(d, device):
 def wrap_ddp(model, d, device):
     """model in DistributedDataParallel: gradients as views of the all-reduce buckets (no second copy), and no buffer
     broadcast before each forward (the only buffers, the rotary tables, are the same on every rank)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
     return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
@@ -61,10 +59,9 @@ def wrap_ddp(model, d, device):
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption, a time limit) inside the `with` block set a flag the loop reads after
-    each step, to save and exit. A second Ctrl-C, a second or later, stops at once (torchrun forwards one twice)."""
+    """Ctrl-C or SIGTERM (preemption) in the `with` block: save after the step, exit; a second Ctrl-C stops at once."""
 
-    SIGNALS, REPEAT_AFTER = (signal.SIGINT, signal.SIGTERM), 1.0  # seconds: a later SIGINT is a second Ctrl-C
+    SIGNALS, REPEAT_AFTER = (signal.SIGINT, signal.SIGTERM), 1.0  # seconds: torchrun forwards one Ctrl-C twice
 
     def __init__(self, writes=None):
         self.signum, self.first_at, self.previous = 0, 0.0, {}  # the first signal received (0: none), when
@@ -122,8 +119,7 @@ class StopSignal:
         return max((signum for signum, n in zip(self.SIGNALS, received) if n > 0), default=0)
 
     def agreed(self, device, ddp):
-        """The stop signal's number, or 0, the same on every rank: a signal that reached any rank stops them all at
-        the same step. Collective in a distributed run (every rank calls it after every step)."""
+        """The stop signal's number or 0, the same on every rank: collective in a distributed run, after every step."""
         return self.agreed_by_all(device) if ddp else self.signum
 
     def agreed_by_all(self, device):
@@ -140,13 +136,10 @@ class PeerWriteError(Exception):
 
 
 class Writes:
-    """Rank 0's writes: a WriteError there must stop every rank, not leave the others waiting in a collective. One
-    process: raised at once. Distributed: held, the writes after it skipped, and every rank stops at the next
-    agreement (StopSignal.agreed, agreed() here): rank 0 with the WriteError, the others with PeerWriteError."""
+    """Rank 0's writes: a WriteError raised at once, or held in a distributed run until all ranks agree to stop."""
 
     def __init__(self, ddp, context=None):
-        self.ddp, self.error = ddp, None
-        self.context = context  # context(step): what a failure at step adds to its line (the newest checkpoint)
+        self.ddp, self.context, self.error = ddp, context, None  # context(step): what a failure at step adds
 
     @property
     def failed(self):
@@ -154,12 +147,11 @@ class Writes:
 
     def write(self, step, fn, *args, **kwargs):
         """fn(*args, **kwargs), the writes at `step`, unless an earlier write failed (None then)."""
-        if self.error is not None:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except WriteError as e:
-            self.failed_at(step, e)
+        if self.error is None:
+            try:
+                return fn(*args, **kwargs)
+            except WriteError as e:
+                self.failed_at(step, e)
 
     def failed_at(self, step, error):
         """A write at step failed: raised at once in one process, held until the next agreement in a distributed run."""
@@ -183,29 +175,33 @@ class Writes:
 
 
 def script_main(script, d, work):
-    """work()'s exit code; a ConfigError one line and 2, a WriteError one line and 1, a Ctrl-C before training (or a
-    second one) one line and 130; the ranks leave the process group together."""
+    """work()'s exit code, or an error's in one line (exit_code); the ranks leave the process group together."""
     together = False
     try:
         code = work()
         together = True  # every rank got here: a normal end, or one stop step agreed by all
         return code
-    except ConfigError as e:
-        if d.master or e.every_rank:
-            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except WriteError as e:  # a full disk, say: nothing half-written is left, the rerun continues from a checkpoint
-        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except PeerWriteError:  # rank 0 could not write a file and said so
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: stop at once, nothing saved
-        if d.master:
-            print(f"\n{script}: interrupted, nothing saved since the last checkpoint; run the same command to "
-                  "continue from it", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
+    except (ConfigError, WriteError, PeerWriteError, KeyboardInterrupt) as e:
+        return exit_code(script, d, e)
     finally:
         end_distributed(together)
+
+
+def exit_code(script, d, error):
+    """script_main's line on stderr and exit code: 2 for a ConfigError, 1 for a WriteError, 130 for a Ctrl-C."""
+    if isinstance(error, ConfigError):
+        if d.master or error.every_rank:
+            print(f"{script}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(error, WriteError):  # a full disk, say: nothing half-written, the rerun continues
+        print(f"{script}: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    if isinstance(error, PeerWriteError):  # rank 0 could not write a file and said so
+        return 1
+    if d.master:  # a Ctrl-C before training started, or a second one: stop at once, nothing saved
+        print(f"\n{script}: interrupted, nothing saved since the last checkpoint; run the same command to "
+              "continue from it", file=sys.stderr, flush=True)
+    return 128 + signal.SIGINT
 
 
 def end_distributed(together):
@@ -219,15 +215,13 @@ def end_distributed(together):
 
 
 # -----------------------------------------------------------------------------
-# the device and its precision
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def get_device(name, d=None):
-    """The torch.device of a --device value ("auto": cuda, then mps, then cpu), checked to exist here; each process
-    of a distributed run takes the GPU of its local rank. Raises ConfigError."""
+    """The torch.device of a --device value ("auto": cuda, then mps, then cpu), checked to exist here (ConfigError)."""
     name = default_device() if name == "auto" else name
     try:
         device = torch.device(name)
@@ -240,18 +234,22 @@ def get_device(name, d=None):
         raise ConfigError(f"--device {name}: not available on this machine")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if d is not None and d.ddp and device.type == "mps":
+    return rank_device(device, d) if d is not None and d.ddp else device
+
+
+def rank_device(device, d):
+    """A distributed run's device: each process takes the GPU of its local rank; mps has no collectives."""
+    if device.type == "mps":
         raise ConfigError("distributed training needs cuda (NCCL) or cpu (gloo), not mps")
-    return torch.device("cuda", d.local_rank) if d is not None and d.ddp and device.type == "cuda" else device
+    return torch.device("cuda", d.local_rank) if device.type == "cuda" else device
 
 
 def setup_precision(device):
     """TF32 matmuls and bf16 autocast on CUDA (returns torch.bfloat16); fp32 on cpu and mps (None): exact there."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-    return None
+    if device.type != "cuda":
+        return None
+    torch.set_float32_matmul_precision("high")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
 
 
 def autocast(device_type, dtype):
@@ -259,19 +257,19 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None)
 
 
-# Dense bf16 peak FLOP/s (fp32 accumulation on GeForce cards) by substring of the device name, the first match winning:
-# the more specific names first ("H200 NVL" before "H200"). Where each figure comes from: docs/speed.md.
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+# Dense bf16 peak FLOP/s (GeForce: fp32 accumulation) by device-name substring, first match winning; see docs/speed.md
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),  # "H100": SXM
                    ("H200 NVL", 835e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-                   ("RTX 4090", 165e12), ("RTX 4080 SUPER", 104.5e12), ("RTX 4080", 97.5e12),
-                   ("RTX 4070 Ti SUPER", 88.2e12), ("RTX 4070 Ti", 80.2e12), ("RTX 4070 SUPER", 71.0e12),
-                   ("RTX 4070", 58.3e12), ("RTX 3090 Ti", 79.8e12), ("RTX 3090", 71e12), ("RTX 3080 Ti", 68.0e12),
-                   ("RTX 3080", 59.5e12))  # "H100": SXM
+                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
+                   ("RTX 4080 SUPER", 104.5e12), ("RTX 4080", 97.5e12), ("RTX 4070 Ti SUPER", 88.2e12),
+                   ("RTX 4070 Ti", 80.2e12), ("RTX 4070 SUPER", 71.0e12), ("RTX 4070", 58.3e12),
+                   ("RTX 3090 Ti", 79.8e12), ("RTX 3090", 71e12), ("RTX 3080 Ti", 68.0e12), ("RTX 3080", 59.5e12))
 
 
 def peak_memory_bytes(device):
     """The run's peak memory so far: the CUDA caching allocator's high-water mark, else the process's peak RSS."""
+    import resource
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -294,7 +292,6 @@ def peak_flops_of(name):
 
 
 # -----------------------------------------------------------------------------
-# progress: the step lines' total and time left
 
 def step_progress(step, max_steps, step_times):
     """("STEP/MAX", "ETA 3m12s") after step `step` (0-based): the mean step time times the steps left (the first step,
