@@ -9,6 +9,8 @@ import fcntl
 import json
 import os
 import re
+import socket
+import zipfile
 
 import torch
 
@@ -89,8 +91,6 @@ def prune_checkpoints(log_dir, keep):
 
 def load_checkpoint(path, keys=TRAIN_KEYS, kind="train_gpt2.py checkpoint"):
     """The dict torch.save wrote to path, with at least `keys`. Raises ConfigError naming the file and the problem."""
-    import zipfile
-
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
         # torch.save writes a zip archive; anything else would get torch's advice to unpickle it unsafely
         raise ConfigError(f"{path}: cannot load the checkpoint: it is not a {kind} (not a file torch.save wrote)")
@@ -193,8 +193,6 @@ def remove_empty(dirs):
 
 def lock_holder(fd):
     """'pid N' of the process holding the flock on fd's file, from Linux's /proc/locks; a description elsewhere."""
-    import socket
-
     st = os.fstat(fd)
     where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with contextlib.suppress(OSError):

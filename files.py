@@ -5,8 +5,11 @@
 
 import contextlib
 import errno
+import http.client
 import json
 import os
+import urllib.error
+import urllib.request
 
 SHARD_PREFIX = "edufineweb"  # build-nanogpt's names: edufineweb_val_000000.npy, edufineweb_train_000001.npy, ...
 # GPT-2 124M on FineWeb-Edu's val shard and HellaSwag's 10,042 val examples (acc_norm); GPT-3 small's from its paper
@@ -115,10 +118,6 @@ def hub_offline(offline_mode, timeout=3):
     (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE), or no answer to one HEAD request to
     its endpoint. Unreachable, huggingface_hub retries 5 times with backoff (~25 s, two warnings each) before it
     fails: with this answer a caller loads from the local cache only, and fails at once."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
     from huggingface_hub import constants
 
     if offline_mode:

@@ -3,7 +3,9 @@
     python -c "import runtime; print(runtime.get_device('auto'), runtime.peak_flops('cpu'))"
 """
 
+import inspect
 import os
+import resource
 import signal
 import sys
 import time
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from files import WriteError
 from options import ConfigError
@@ -48,10 +51,6 @@ def init_distributed(d, device):
 def wrap_ddp(model, d, device):
     """model in DistributedDataParallel: gradients as views of the all-reduce buckets (no second copy), and no buffer
     broadcast before each forward (the only buffers, the rotary tables, are the same on every rank)."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
     return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True,
@@ -268,8 +267,6 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
 
 def peak_memory_bytes(device):
     """The run's peak memory so far: the CUDA caching allocator's high-water mark, else the process's peak RSS."""
-    import resource
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
