@@ -1,40 +1,28 @@
-"""GPT-2, numerically identical to transformers' GPT2LMHeadModel, with flash attention, a KV cache for sampling, and
-the architecture switches of the modern recipes; its weights load from OpenAI's checkpoints (GPT.from_pretrained).
-
-    python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
-
-The network and its weights only: no data, optimizer, distributed training or files other than weights (export.py
-writes them for transformers). Importing this module does no work; transformers is imported by from_pretrained.
-"""
+"""GPT-2, numerically identical to transformers' GPT2LMHeadModel, with a KV cache and the fast recipes' switches."""
 
 import dataclasses
 import json
-import math
 import os
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from files import hub_offline
-
 GPT2_VOCAB_SIZE = 50257  # the real GPT-2 BPE vocabulary
 PADDED_VOCAB_SIZE = 50304  # GPT-2's padded to 393 * 128: friendlier matmul shapes on a GPU; train_gpt2.py's default
-INITS = ("gpt2", "nanochat")  # GPTConfig.init
 CHOICES = {"norm": ("layernorm", "rmsnorm", "rmsnorm_nogain"), "mlp": ("gelu", "swiglu", "relu2"),
-           "pos_emb": ("learned", "rope")}
+           "pos_emb": ("learned", "rope"),
+           **dict.fromkeys(("embed_norm", "qk_norm", "tie_embeddings", "bias", "zero_init"), (True, False))}
 
 
-@dataclass
+@dataclasses.dataclass
 class GPTConfig:
     block_size: int = 1024  # max sequence length
     vocab_size: int = GPT2_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # Architecture switches. Every default is GPT-2's; the alternatives are what recent fast small-model recipes
-    # (modded-nanogpt, nanochat) use instead.
     norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" | "rmsnorm_nogain" (no gains, in fp32: nanochat's)
     norm_eps: float = 1e-5  # the eps of every norm, QK-norm's too: GPT-2's 1e-5 (nanochat's is 1e-6)
     embed_norm: bool = False  # a norm right after the token embedding (nanochat's)
@@ -44,35 +32,26 @@ class GPTConfig:
     tie_embeddings: bool = True  # one matrix for wte and lm_head (GPT-2); False: two
     bias: bool = True  # biases in the Linear layers and LayerNorms (GPT-2); False: none
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: raw logits (GPT-2)
-    # zero-initialize the residual projections (attn.c_proj, mlp.c_proj), and lm_head when untied (a tied one is also
-    # the input embedding, which must not be zero). An init, not an architecture: a zero_init model is still GPT-2.
-    zero_init: bool = False
-    # the initial weights, an init too: "gpt2" N(0, 0.02), the residual projections scaled by 1/sqrt(2 * n_layer);
-    # "nanochat" (its gpt.py's init_weights, for a norm after the embedding and an untied head): wte N(0, 1), lm_head
-    # N(0, 0.001), the blocks' other matrices uniform with std 1/sqrt(n_embd), the residual projections at zero
-    init: str = "gpt2"
+    zero_init: bool = False  # an init (still GPT-2): the residual projections, and an untied head, start at zero
+    init: str = "gpt2"  # "gpt2": N(0, 0.02), residual projections / sqrt(2 * n_layer) | "nanochat": its gpt.py's
 
     def __post_init__(self):
         for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got "
-                                 f"{getattr(self, name)!r}")
-        for name in ("embed_norm", "qk_norm", "tie_embeddings", "bias", "zero_init"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            value = getattr(self, name)
+            if value not in choices or not isinstance(value, type(choices[0])):  # 1 == True, but is no bool
+                raise ValueError(f"{name} must be {one_of(choices)}, got {value!r}")
+        eps, cap = self.norm_eps, self.logit_softcap
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
             raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
-        cap = self.logit_softcap
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < math.inf:
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < float("inf"):
             raise ValueError(f"logit_softcap must be a finite number >= 0 (0: no cap), got {cap!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"pos_emb='rope' rotates pairs of dimensions: the head size "
                              f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
-        if self.init not in INITS:
-            raise ValueError(f"init must be {' or '.join(map(repr, INITS))}, got {self.init!r}")
+        if self.init not in ("gpt2", "nanochat"):
+            raise ValueError(f"init must be 'gpt2' or 'nanochat', got {self.init!r}")
         if self.init == "nanochat" and self.tie_embeddings:
             raise ValueError("init='nanochat' needs tie_embeddings=False: its wte of std 1 would be the head too")
 
@@ -97,14 +76,17 @@ class GPTConfig:
         return cls(**d)
 
 
-class RMSNormNoGain(nn.Module):
-    """RMSNorm without gains, computed in fp32 whatever x's dtype, as transformers' NanoChatRMSNorm (nanochat's)."""
+def one_of(choices):
+    """("a", "b", "c") as "'a', 'b' or 'c'"."""
+    return f"{', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}"
 
+
+class RMSNormNoGain(nn.Module):
     def __init__(self, eps):
         super().__init__()
         self.eps = eps
 
-    def forward(self, x):
+    def forward(self, x):  # in fp32 whatever x's dtype, as transformers' NanoChatRMSNorm (nanochat's)
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
 
 
@@ -135,16 +117,14 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """One layer's keys and values of the positions seen so far, for generation: a buffer of max_len positions,
-    allocated on first use in the dtype the keys and values come in (bf16 under autocast)."""
-
     def __init__(self, max_len):
+        """A cache of one layer's keys and values for generation: max_len positions, allocated on first use."""
         self.max_len, self.pos, self.k, self.v = max_len, 0, None, None  # pos: positions cached
 
     def update(self, k, v):
         """Store k, v (B, nh, T, hs) as positions pos..pos+T-1; return the keys and values of all pos+T positions."""
         B, nh, T, hs = k.shape
-        if self.k is None:
+        if self.k is None:  # in the dtype k and v come in (bf16 under autocast)
             self.k = k.new_empty(B, nh, self.max_len, hs)
             self.v = v.new_empty(B, nh, self.max_len, hs)
         self.k[:, :, self.pos:self.pos + T] = k
@@ -157,58 +137,60 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.qk_norm, self.norm_eps = config.n_head, config.qk_norm, config.norm_eps
-        # key, query, value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v of all heads: one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, rope=None, kv_cache=None):
-        """x (B, T, C) -> (B, T, C). rope: (cos, sin) of these T positions for pos_emb="rope". kv_cache: a KVCache
-        with the keys and values of the positions before these T (generation), which these T are added to."""
         B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # nh = number of heads, hs = head size, C = nh * hs
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # nh = number of heads, hs = head size, C = nh * hs
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm:  # q, k of RMS 1 bound every attention logit by sqrt(hs): no blow-up at high lrs
             q, k = (F.rms_norm(t, (t.size(-1),), eps=self.norm_eps) for t in (q, k))
-        if rope is not None:
+        if rope is not None:  # (cos, sin) of these T positions: rotary embeddings
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past, mask = 0, None  # positions cached before these T
-        if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(k, v)  # (B, nh, past + T, hs): the cached positions, then these T
-            if past and T > 1:  # SDPA's is_causal aligns the mask top-left: query i must see keys 0..past+i
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        # softmax(q k^T / sqrt(hs)) v with the causal mask, never materializing the (T, T) matrix (flash attention);
-        # one new token after cached ones (T == 1) sees every key: no mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0)  # (B, nh, T, hs)
+        if kv_cache is not None:  # generation: these T follow the cached positions
+            y = self._attend_cached(q, k, v, kv_cache)  # (B, nh, T, hs)
+        else:  # softmax(q k^T / sqrt(hs)) v, causal, never materializing the (T, T) matrix (flash attention)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
+
+    @staticmethod
+    def _attend_cached(q, k, v, kv_cache):
+        """Attention of q (B, nh, T, hs) to kv_cache's positions and these T, whose k, v join the cache."""
+        past, T = kv_cache.pos, q.size(2)
+        k, v = kv_cache.update(k, v)  # (B, nh, past + T, hs): the cached positions, then these T
+        mask = None  # one new token after cached ones (T == 1) sees every key: no mask
+        if past and T > 1:  # SDPA's is_causal aligns the mask top-left: query i must see keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0)
+
+
+def relu2(h):
+    """ReLU² (Primer, So et al. 2021): cheaper than GELU's tanh, and sparse."""
+    return F.relu(h).square()
+
+
+def swiglu(h):
+    """SwiGLU (Shazeer 2020): h holds a gate and a value side by side."""
+    gate, value = h.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+ACTIVATIONS = {"gelu": partial(F.gelu, approximate="tanh"), "swiglu": swiglu, "relu2": relu2}  # gelu: GPT-2's gelu_new
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.mlp == "swiglu":  # three matrices: 8/3 * n_embd hidden (2048 at 768) keeps GELU's parameters
-            hidden = -(-8 * config.n_embd // (3 * 64)) * 64
-            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
-        else:
-            hidden = 4 * config.n_embd
-            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.kind = config.mlp
+        gated = config.mlp == "swiglu"  # three matrices: 8/3 * n_embd hidden (2048 at 768) keeps GELU's parameters
+        hidden = -(-8 * config.n_embd // (3 * 64)) * 64 if gated else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if gated else hidden, bias=config.bias)  # gate, value
+        self.activation = ACTIVATIONS[config.mlp]
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.kind == "swiglu":
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        elif self.kind == "relu2":  # ReLU² (Primer, So et al. 2021): cheaper than GELU's tanh, and sparse
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        return self.c_proj(h)
+        return self.c_proj(self.activation(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -222,26 +204,22 @@ class Block(nn.Module):
     def forward(self, x, rope=None, kv_cache=None):
         # pre-LN: the residual stream x is never normalized, so gradients flow straight through it
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
-# softcap_cross_entropy's rows per chunk in GPT.forward: 256 x 50304 fp32 logits are 52 MB; fewer rows are slower on
-# CPU (docs/training.md: where the fast step's time goes), more hold more memory
-LOSS_CHUNK_ROWS = 256
+LOSS_CHUNK_ROWS = 256  # softcap_cross_entropy's rows per chunk: 52 MB of fp32 logits; fewer are slower on CPU
 
 
 def softcap_cross_entropy(x, weight, targets, cap, chunk_rows):
     """F.cross_entropy(cap * tanh(F.linear(x, weight).float() / cap), targets, ignore_index=-1) for hidden states x
     (..., C), weight (V, C) and targets (...), up to float rounding, chunk_rows rows at a time: the mean over the
-    targets that are not -1, the matmuls in autocast's dtype as a plain F.linear's, the cap in fp32."""
+    targets that are not -1, the matmuls in autocast's dtype as a plain F.linear's, the cap in fp32. The gradients wrt
+    x and weight are computed in the forward pass, chunk by chunk (as Liger's fused linear cross-entropy): backward only
+    scales them by the loss's gradient."""
     return _SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), cap, chunk_rows)
 
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
-    """softcap_cross_entropy, its gradients wrt x and weight computed in the forward pass, chunk by chunk (as Liger's
-    fused linear cross-entropy): backward only scales them by the loss's gradient."""
-
     @staticmethod
     def forward(ctx, x, weight, targets, cap, chunk_rows):
         device = x.device.type
@@ -293,34 +271,31 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))  # token embeddings
         if config.pos_emb == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
-        else:  # rope's cos and sin, computed once: buffers follow .to(device), non-persistent ones skip the state_dict
-            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs / 2)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        else:  # rotary embeddings: no table to learn
+            self._init_rope()
         if config.embed_norm:
-            modules["ln_emb"] = make_norm(config)
-        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        modules["ln_f"] = make_norm(config)
-        self.transformer = nn.ModuleDict(modules)
+            self.transformer.ln_emb = make_norm(config)
+        self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # GPT-2: one matrix maps tokens in and logits out, 38.6M of its 124M parameters
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # each block adds two residual projections into the stream, whose variance grows with the 2 * n_layer sums:
-        # their init scaled by 1/sqrt(2 * n_layer) keeps its scale. zero_init: at 0, every block starts as the identity
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                if config.zero_init or config.init == "nanochat":
-                    nn.init.zeros_(p)
-                else:
+        if config.zero_init or config.init == "nanochat":
+            self._init_zero_or_nanochat()
+        else:  # the stream sums 2 * n_layer residual projections: std / sqrt(2 * n_layer) keeps its variance
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 * (2 * config.n_layer) ** -0.5)
-        if config.init == "nanochat":
-            self._init_nanochat()
-        if config.zero_init and not config.tie_embeddings:
-            nn.init.zeros_(self.lm_head.weight)
+
+    def _init_rope(self):
+        """rope's cos and sin, computed once: buffers follow .to(device), non-persistent ones skip the state_dict."""
+        cos, sin = rope_tables(self.config.block_size, self.config.n_embd // self.config.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -328,12 +303,24 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def _init_zero_or_nanochat(self):
+        """The residual projections at zero, every block starting as the identity; zero_init zeroes an untied lm_head
+        too (a tied one is also the input embedding, which must not be zero). An init, not an architecture."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.zeros_(p)
+        if self.config.init == "nanochat":
+            self._init_nanochat()
+        if self.config.zero_init and not self.config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
+
     @torch.no_grad()
     def _init_nanochat(self):
-        # wte's rows at RMS 1, what the norm after the embedding makes of them anyway: AdamW's steps (of about its lr
-        # per element) then change a row by a fraction of its size, where 0.02 rows would be swamped by the first one.
-        # The head small, not zero: its gradient into the blocks is then small but not zero, and Muon's orthogonalized
-        # updates do not depend on a gradient's size, so the blocks learn from the first step on.
+        # nanochat's gpt.py init_weights, the residual projections at zero already. wte's rows at RMS 1, what the norm
+        # after the embedding makes of them anyway: AdamW's steps (of about its lr per element) then change a row by a
+        # fraction of its size, where 0.02 rows would be swamped by the first one. The head small, not zero: its
+        # gradient into the blocks is then small but not zero, and Muon's orthogonalized updates do not depend on a
+        # gradient's size, so the blocks learn from the first step on.
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         bound = (3 / self.config.n_embd) ** 0.5  # uniform(-b, b) has std b / sqrt(3), and no outliers
@@ -342,31 +329,20 @@ class GPT(nn.Module):
                 nn.init.uniform_(p, -bound, bound)
 
     def num_params(self, non_embedding=False):
-        """Parameters, a tied wte/lm_head counted once; non_embedding: without the lookup tables, which cost no matmul
-        (wpe and an untied wte; a tied one is the lm_head too)."""
+        """Parameters, a tied wte/lm_head once; non_embedding: less the tables that are looked up, not multiplied."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            if "wpe" in self.transformer:
-                n -= self.transformer.wpe.weight.numel()
-            if not self.config.tie_embeddings:
-                n -= self.transformer.wte.weight.numel()
+        if non_embedding:  # wpe and wte, unless wte is the lm_head too
+            tables = [m.weight for m in self.transformer.values() if isinstance(m, nn.Embedding)]
+            n -= sum(t.numel() for t in tables if t is not self.lm_head.weight)
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per matmul weight, plus attention's 12 * n_layer * n_head * head_size * seq_len
-        (PaLM's appendix B, as nanoGPT's MFU); elementwise work not counted."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+        """Training FLOPs per token: 6 per matmul weight, attention's 12 * n_layer * n_embd * seq_len (PaLM's)."""
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def forward(self, idx, targets=None, positions=None, kv_cache=None, return_logits=None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size) or None, mean cross-entropy against targets (B, T), or
-        None). With targets the logits are None unless return_logits: a caller that keeps the returned pair (as
-        `_, loss = model(x, y)` does until its next call) would otherwise hold a (B, T, V) tensor, 6.6 GB in bf16
-        at B=64, T=1024, through the next forward. positions (B, E): the logits of those positions only (an eval
-        that scores a few skips most of the lm_head, a third of the FLOPs). kv_cache (generate's): one KVCache per
-        layer, which idx continues."""
-        B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache[0].pos  # position of idx[:, 0]
+        B, T = idx.size()  # token ids; targets (B, T): the next ones, -1 where no loss is taken
+        start = 0 if kv_cache is None else kv_cache[0].pos  # position of idx[:, 0]: after generate's cached ones
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
@@ -381,27 +357,31 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if kv_cache is None else kv_cache[i])
         x = self.transformer.ln_f(x)
-        if positions is not None:
+        if positions is not None:  # (B, E): only those positions' logits (an eval scoring a few skips most of lm_head)
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
+        if self.config.logit_softcap:
+            return self._softcapped_head(x, targets, return_logits)
+        logits = self.lm_head(x)  # (B, T or E, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)  # -1: ignored
+        return (logits if return_logits else None), loss  # `_, loss = model(x, y)` keeps no (B, T, V) of GBs alive
+
+    def _softcapped_head(self, x, targets, return_logits):
+        """forward's logits and loss with logit_softcap: cap * tanh(logits / cap), no logit runs away (Gemma 2)."""
         cap = self.config.logit_softcap
-        chunked = self.chunked_loss and not torch.compiler.is_compiling()
-        if cap and targets is not None and not return_logits and chunked:
+        if targets is not None and not return_logits and self.chunked_loss and not torch.compiler.is_compiling():
             # eager, the same loss in chunks of rows: the (B*T, V) fp32 capped logits are never all in memory, and
             # fewer passes go over them (torch.compile fuses the plain path below instead: docs/training.md)
             return None, softcap_cross_entropy(x, self.lm_head.weight, targets, cap, LOSS_CHUNK_ROWS)
-        logits = self.lm_head(x)  # (B, T or E, vocab_size)
-        dtype = logits.dtype  # what autocast computes in: the dtype of the logits returned, capped or not
-        if self.config.logit_softcap:  # squashed smoothly into (-cap, cap): no logit runs away (Gemma 2)
-            # in fp32: tanh's backward is 1 - y^2 of its own output, which bf16 rounds to 0 once |y| is near 1
-            # (nanochat and modded-nanogpt cap logits.float() too); inside forward, so torch.compile fuses it
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits.float() / cap)
-        loss = None
-        if targets is not None:  # the mean over the tokens whose target is not -1 (padding, masked positions)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if not return_logits:
-                return None, loss
-        return logits.to(dtype), loss
+        logits = self.lm_head(x)  # (B, T or E, vocab_size), in autocast's dtype: the dtype of the logits returned
+        # in fp32: tanh's backward is 1 - y^2 of its own output, which bf16 rounds to 0 once |y| is near 1
+        # (nanochat and modded-nanogpt cap logits.float() too); inside forward, so torch.compile fuses it
+        capped = cap * torch.tanh(logits.float() / cap)
+        if targets is None:
+            return capped.to(logits.dtype), None
+        loss = F.cross_entropy(capped.view(-1, capped.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (capped.to(logits.dtype) if return_logits else None), loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
@@ -457,6 +437,7 @@ class GPT(nn.Module):
         (export.py's of a --recipe=fast model). Offline (HF_HUB_OFFLINE, or a hub that does not answer) a hub id
         loads from the local HF cache only, or fails at once."""
         from huggingface_hub import constants
+        from files import hub_offline
         from transformers import GPT2LMHeadModel, NanoChatForCausalLM
 
         offline, model_type = "", "gpt2"  # offline: why only the local HF cache can serve a hub id
