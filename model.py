@@ -117,8 +117,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
+    """One layer's keys and values for generation: max_len positions, allocated on first use."""
+
     def __init__(self, max_len):
-        """A cache of one layer's keys and values for generation: max_len positions, allocated on first use."""
         self.max_len, self.pos, self.k, self.v = max_len, 0, None, None  # pos: positions cached
 
     def update(self, k, v):
@@ -142,8 +143,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
-        q, k, v = self.c_attn(x).split(C, dim=2)  # nh = number of heads, hs = head size, C = nh * hs
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # nh = number of heads, hs = head size, C = nh * hs
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # q, k of RMS 1 bound every attention logit by sqrt(hs): no blow-up at high lrs
             q, k = (F.rms_norm(t, (t.size(-1),), eps=self.norm_eps) for t in (q, k))
         if rope is not None:  # (cos, sin) of these T positions: rotary embeddings

@@ -95,18 +95,20 @@ def parse_bool(text):
     return value in ("true", "1", "yes")
 
 
-def at_least(low, kind=int):
+class at_least:  # lower case: a type, as int and float are
     """A type for option(): the text as kind (int, float), checked to be >= low (NaN is not)."""
-    def parse(text):
+
+    def __init__(self, low, kind=int):
+        self.low, self.kind, self.__name__ = low, kind, kind.__name__  # help_text names the type by __name__
+
+    def __call__(self, text):
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            raise ValueError(f"expected {kind.__name__}") from None
-        if not value >= low:
-            raise ValueError(f"must be >= {low}")
+            raise ValueError(f"expected {self.kind.__name__}") from None
+        if not value >= self.low:
+            raise ValueError(f"must be >= {self.low}")
         return value
-    parse.__name__ = kind.__name__  # help_text names the type by it
-    return parse
 
 
 def help_text(config_class, script, doc=""):
