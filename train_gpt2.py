@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from bisect import bisect_right
-from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
@@ -57,7 +56,7 @@ WARMUP_TOKENS = 375_000_000  # GPT-3's warmup, whatever the batch
 EPOCH_TOKENS = 10_000_000_000  # one epoch of FineWeb-Edu 10B
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     recipe: str = option("gpt2", "gpt2: GPT-3 small's, the defaults below; fast: the modern one (listed at the end)",
                          section="recipe")
@@ -264,15 +263,12 @@ class TrainLoader:
 
 
 def open_data(cfg):
-    """(train stream, val stream or None, HellaSwag examples), checked before anything is built (collective when
-    HellaSwag is downloaded)."""
+    """(train stream, val stream or None, HellaSwag examples), checked before anything is built (collective)."""
     train_stream = TokenStream(cfg.data_dir, "train")
-    val_stream = None
-    if cfg.val_every:
-        val_stream = TokenStream(cfg.data_dir, "val")
-        if val_stream.total < cfg.val_tokens + 1:
-            raise ConfigError(f"data_dir {cfg.data_dir}: the val shard holds {val_stream.total} tokens, "
-                              f"val_tokens={cfg.val_tokens} needs {cfg.val_tokens + 1}")
+    val_stream = TokenStream(cfg.data_dir, "val") if cfg.val_every else None
+    if val_stream and val_stream.total < cfg.val_tokens + 1:
+        raise ConfigError(f"data_dir {cfg.data_dir}: the val shard holds {val_stream.total} tokens, "
+                          f"val_tokens={cfg.val_tokens} needs {cfg.val_tokens + 1}")
     examples = []
     if cfg.hellaswag_every:
         try:
@@ -376,7 +372,7 @@ def evals_until_stopped(s, d, step, due_now, val_stream, examples, enc, log, rec
 # -----------------------------------------------------------------------------
 # setup: device, precision, model, micro-batch, optimizer, compile, DDP
 
-@dataclass
+@dataclasses.dataclass
 class Setup:
     cfg: TrainConfig  # the options in force: the architecture is the model's own after a resume or init_from
     device: torch.device
