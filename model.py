@@ -363,29 +363,25 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if positions is not None:  # (B, E): only those positions' logits (an eval scoring a few skips most of lm_head)
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
-        if self.config.logit_softcap:
-            return self._softcapped_head(x, targets, return_logits)
-        logits = self.lm_head(x)  # (B, T or E, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)  # -1: ignored
-        return (logits if return_logits else None), loss  # `_, loss = model(x, y)` keeps no (B, T, V) of GBs alive
-
-    def _softcapped_head(self, x, targets, return_logits):
-        """forward's logits and loss with logit_softcap: cap * tanh(logits / cap), no logit runs away (Gemma 2)."""
-        cap = self.config.logit_softcap
-        if targets is not None and not return_logits and self.chunked_loss and not torch.compiler.is_compiling():
+        chunked = self.chunked_loss and not torch.compiler.is_compiling()  # torch.compile fuses the plain path
+        if self.config.logit_softcap and chunked and targets is not None and not return_logits:
             # eager, the same loss in chunks of rows: the (B*T, V) fp32 capped logits are never all in memory, and
-            # fewer passes go over them (torch.compile fuses the plain path below instead: docs/training.md)
-            return None, softcap_cross_entropy(x, self.lm_head.weight, targets, cap, LOSS_CHUNK_ROWS)
+            # fewer passes go over them (docs/training.md)
+            return None, softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap,
+                                               LOSS_CHUNK_ROWS)
         logits = self.lm_head(x)  # (B, T or E, vocab_size), in autocast's dtype: the dtype of the logits returned
-        # in fp32: tanh's backward is 1 - y^2 of its own output, which bf16 rounds to 0 once |y| is near 1
-        # (nanochat and modded-nanogpt cap logits.float() too); inside forward, so torch.compile fuses it
-        capped = cap * torch.tanh(logits.float() / cap)
+        scores = self._softcap(logits) if self.config.logit_softcap else logits
         if targets is None:
-            return capped.to(logits.dtype), None
-        loss = F.cross_entropy(capped.view(-1, capped.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return (capped.to(logits.dtype) if return_logits else None), loss
+            return scores.to(logits.dtype), None
+        loss = F.cross_entropy(scores.view(-1, scores.size(-1)), targets.reshape(-1), ignore_index=-1)  # -1: ignored
+        return (scores.to(logits.dtype) if return_logits else None), loss  # `_, loss = model(x, y)` holds no GBs
+
+    def _softcap(self, logits):
+        """cap * tanh(logits / cap): no logit runs away (Gemma 2). In fp32: tanh's backward is 1 - y^2 of its own
+        output, which bf16 rounds to 0 once |y| is near 1 (nanochat and modded-nanogpt cap logits.float() too); inside
+        forward, so torch.compile fuses it."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
