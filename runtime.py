@@ -174,33 +174,29 @@ class Writes:
 
 
 def script_main(script, d, work):
-    """work()'s exit code, or an error's in one line (exit_code); the ranks leave the process group together."""
+    """work()'s exit code; a ConfigError one line and 2, a WriteError one line and 1, a Ctrl-C before training (or a
+    second one) one line and 130; the ranks leave the process group together."""
     together = False
     try:
         code = work()
         together = True  # every rank got here: a normal end, or one stop step agreed by all
         return code
-    except (ConfigError, WriteError, PeerWriteError, KeyboardInterrupt) as e:
-        return exit_code(script, d, e)
+    except ConfigError as e:
+        if d.master or e.every_rank:
+            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except WriteError as e:  # a full disk, say: nothing half-written is left, the rerun continues from a checkpoint
+        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except PeerWriteError:  # rank 0 could not write a file and said so
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: stop at once, nothing saved
+        if d.master:
+            print(f"\n{script}: interrupted, nothing saved since the last checkpoint; run the same command to "
+                  "continue from it", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
         end_distributed(together)
-
-
-def exit_code(script, d, error):
-    """script_main's line on stderr and exit code: 2 for a ConfigError, 1 for a WriteError, 130 for a Ctrl-C."""
-    if isinstance(error, ConfigError):
-        if d.master or error.every_rank:
-            print(f"{script}: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    if isinstance(error, WriteError):  # a full disk, say: nothing half-written, the rerun continues
-        print(f"{script}: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    if isinstance(error, PeerWriteError):  # rank 0 could not write a file and said so
-        return 1
-    if d.master:  # a Ctrl-C before training started, or a second one: stop at once, nothing saved
-        print(f"\n{script}: interrupted, nothing saved since the last checkpoint; run the same command to "
-              "continue from it", file=sys.stderr, flush=True)
-    return 128 + signal.SIGINT
 
 
 def end_distributed(together):
