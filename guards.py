@@ -269,23 +269,23 @@ def cgroup_memory_left(proc_cgroup="/proc/self/cgroup", cgroup_fs="/sys/fs/cgrou
         for line in read_text(proc_cgroup).splitlines():
             _, controllers, path = line.split(":", 2)
             if controllers == "":  # v2
-                root, limit, usage, inactive = cgroup_fs, "memory.max", "memory.current", "inactive_file"
+                root, limit_file, usage_file, inactive = cgroup_fs, "memory.max", "memory.current", "inactive_file"
             elif "memory" in controllers.split(","):  # v1
-                root, limit, usage, inactive = (os.path.join(cgroup_fs, "memory"), "memory.limit_in_bytes",
-                                                "memory.usage_in_bytes", "total_inactive_file")
+                root, limit_file, usage_file, inactive = (os.path.join(cgroup_fs, "memory"), "memory.limit_in_bytes",
+                                                          "memory.usage_in_bytes", "total_inactive_file")
             else:
                 continue
             # the path is the cgroup as the host names it; in a container its own cgroup is mounted at the root
             for directory in dict.fromkeys((root + path.rstrip("/"), root)):
                 try:
                     stat = dict(line.split() for line in read_text(directory, "memory.stat").splitlines())
-                    text = read_text(directory, limit).strip()
-                    here = None if text == "max" else (int(text) - int(read_text(directory, usage))
-                                                       + int(stat.get(inactive, 0)))
+                    text = read_text(directory, limit_file).strip()
+                    limit = None if text == "max" else int(text)
+                    used = int(read_text(directory, usage_file)) - int(stat.get(inactive, 0))
                 except (OSError, ValueError):
                     continue
-                if here is not None and int(text) < 2**60:  # v1 writes "no limit" as a huge number
-                    left = here if left is None else min(left, here)
+                if limit is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+                    left = limit - used if left is None else min(left, limit - used)
                 break
     return left
 
