@@ -115,8 +115,7 @@ def help_text(config_class, script, doc=""):
     """--help: the script's docstring, then every option with its default, type and help text, by section."""
     lines = [doc.strip(), ""] if doc.strip() else []
     lines.append(f"options of {script} (--name=value or --name value), with their defaults:")
-    fields = dataclasses.fields(config_class)
-    for f in fields:
+    for f in dataclasses.fields(config_class):
         if f.metadata.get("section"):
             lines += ["", f"  {f.metadata['section']}"]
         kind = f.metadata.get("metavar") or getattr(f.metadata.get("type") or f.type, "__name__", "")
