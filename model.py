@@ -363,8 +363,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if positions is not None:  # (B, E): only those positions' logits (an eval scoring a few skips most of lm_head)
             x = torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))  # (B, E, n_embd)
-        chunked = self.chunked_loss and not torch.compiler.is_compiling()  # torch.compile fuses the plain path
-        if self.config.logit_softcap and chunked and targets is not None and not return_logits:
+        if (self.config.logit_softcap and targets is not None and not return_logits and self.chunked_loss
+                and not torch.compiler.is_compiling()):  # torch.compile fuses the plain path below instead
             # eager, the same loss in chunks of rows: the (B*T, V) fp32 capped logits are never all in memory, and
             # fewer passes go over them (docs/training.md)
             return None, softcap_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap,
